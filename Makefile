@@ -1,0 +1,39 @@
+# The two commands a user needs: `make demo` and `make test`. Both create .venv when missing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NATIVE_STAMP := $(VENV)/.native
+
+.PHONY: demo test test-slow test-all native bench bench-gpu fuzz clean
+
+$(STAMP): requirements-dev.txt requirements-nodeps.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	touch $@
+
+$(NATIVE_STAMP): $(STAMP) pyproject.toml CMakeLists.txt $(wildcard csrc/*)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+native: $(NATIVE_STAMP)
+
+demo: $(NATIVE_STAMP)
+	$(VENV)/bin/pure-fast demo --out-dir demo_out
+
+test: $(NATIVE_STAMP)
+	$(PY) -m pytest -x tests
+
+test-slow: $(NATIVE_STAMP)
+	$(PY) -m pytest -x tests --runslow
+
+bench: $(NATIVE_STAMP)
+	$(PY) bench/run_all.py --device cpu
+
+bench-gpu: $(NATIVE_STAMP)
+	$(PY) bench/run_all.py --device cuda
+
+clean:
+	rm -rf build pure_fast/_C*.so $(NATIVE_STAMP)
