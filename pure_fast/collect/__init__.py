@@ -1,0 +1,1 @@
+"""Collection: what the edit is estimated from (cross-attention activations, or token embeddings)."""
