@@ -1,0 +1,97 @@
+"""The toy model family: a 16x16 pixel-space UNet2DConditionModel conditioned on MiniLM token states.
+
+Same interface as the SD adapters; the base class's ``denoise`` / ``generate`` run it unchanged. Latents
+are pixels in [-1, 1] (3 x size x size); ``decode`` only maps them to uint8 PIL images.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .base import Conditioning, ModelAdapter, TokenEmbeddings
+
+
+@dataclass
+class ToyPipe:
+    """The minimum the base class needs from a pipeline: ``scheduler`` (and the unet, for symmetry)."""
+
+    unet: Any
+    scheduler: Any
+    config: dict
+
+
+class ToyAdapter(ModelAdapter):
+    family = "toy"
+    default_size = 16
+    default_collect_size = 16
+    default_guidance = 3.0
+    bos_is_first = True  # [CLS]
+
+    def __init__(self, pipe: ToyPipe, unet, device="cpu", dtype=torch.float32):
+        super().__init__(pipe, unet, device, dtype)
+        self.max_tokens = int(pipe.config.get("text_encoder", {}).get("max_tokens", 32))
+        self.null_caption = pipe.config.get("null_caption", "")
+        self._neg_cache: torch.Tensor | None = None
+
+    # ---- text -------------------------------------------------------------------------------------
+    def encode_tokens(self, prompts: Sequence[str]) -> TokenEmbeddings:
+        from ..toy.text import encode_tokens
+
+        e, m, i = encode_tokens(list(prompts), "cpu", self.max_tokens)
+        return TokenEmbeddings(e.to(self.device, self.dtype), m.to(self.device), i.to(self.device))
+
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        return Conditioning(self.encode_tokens(prompts).embeds)
+
+    def encode_negative(self, n: int) -> Conditioning:
+        if self._neg_cache is None:
+            self._neg_cache = self.encode_tokens([self.null_caption]).embeds
+        return Conditioning(self._neg_cache.expand(n, -1, -1).contiguous())
+
+    def tokenize(self, prompt: str) -> list[str]:
+        from ..toy.text import wordpieces
+
+        return wordpieces(prompt)
+
+    # ---- sampling ---------------------------------------------------------------------------------
+    def latent_shape(self, size: int) -> tuple[int, int, int]:
+        return (3, size, size)
+
+    def make_scheduler(self, name: str | None = None):
+        if name is None:
+            name = "ddim"
+        return super().make_scheduler(name)
+
+    def decode(self, latents: torch.Tensor):
+        from PIL import Image
+
+        x = ((latents.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        arr = x.permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+    def decode_array(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents -> uint8 [B, H, W, 3] (what the detectors take)."""
+        x = ((latents.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def load_toy(device="cpu", dtype=torch.float32, weights_dir: str | Path | None = None) -> ToyAdapter:
+    """The shipped toy model (``pure_fast/toy/weights``) as a ToyAdapter. Raises ModelLoadError when the
+    weights (or the MiniLM text encoder package) are missing."""
+    from ..toy.model import load_unet, sample_scheduler
+    from ..toy.text import model_dir
+
+    model_dir()  # fail early, with the install hint, if MiniLM is missing
+    unet, meta = load_unet(weights_dir, device=device, dtype=dtype)
+    sched = sample_scheduler(meta.get("scheduler"))
+    adapter = ToyAdapter(ToyPipe(unet=unet, scheduler=sched, config=meta), unet, device=device, dtype=dtype)
+    if "default_guidance" in meta:
+        adapter.default_guidance = float(meta["default_guidance"])
+    size = meta.get("size")
+    if size:
+        adapter.default_size = adapter.default_collect_size = int(size)
+    return adapter
