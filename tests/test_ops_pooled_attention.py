@@ -1,0 +1,295 @@
+"""pooled_attention: reference, dispatch, and the fused Triton kernel.
+
+The Triton kernel is checked on CPU in the Triton interpreter. TRITON_INTERPRET must be set before the
+kernel is first built, and setting it for the whole pytest process would also turn every other module's
+GPU kernels into interpreted ones (and another module may already have imported triton). So the
+interpreter checks run in ONE child process (this file run as a script with ``--worker DIR``) with
+TRITON_INTERPRET=1; the child only runs the kernel and saves inputs and outputs, and the assertions
+(against fp64 references, tolerances derived from plain torch's own error) happen here.
+
+Tolerance (flash-attention style): ``err(kernel vs fp64) <= 2 * err(torch at the same dtype vs fp64) + eps``
+with ``eps`` one fp32 unit in the last place at the largest reference magnitude.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from pure_fast.ops import backend  # noqa: E402
+from pure_fast.ops import pooled_attention as pa  # noqa: E402
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# named awkward cases (B, H, N, T, hd): nothing a power of two where it can be avoided
+AWKWARD = {
+    "b3h5_n67_t7_hd40": (3, 5, 67, 7, 40),
+    "n1_t77_hd64": (1, 2, 1, 77, 64),
+    "n130_t77_hd80": (2, 2, 130, 77, 80),
+    "n130_t77_hd160": (1, 2, 130, 77, 160),
+}
+KERNEL_CASES = [f"{name}-{dt}" for name in AWKWARD for dt in DTYPES]
+
+
+def _inputs(shape, dtype, device="cpu", seed=0, layout="contiguous"):
+    b, h, n, t, d = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def make(rows):
+        if layout == "diffusers":  # [B, rows, H, hd] memory viewed as [B, H, rows, hd], as the processor does
+            x = torch.randn(b, rows, h, d, generator=g).transpose(1, 2)
+        else:
+            x = torch.randn(b, h, rows, d, generator=g)
+        return x.to(device=device, dtype=dtype)
+
+    return make(n), make(t), make(t)
+
+
+def _fp64(q, k, v, scale=None):
+    out = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
+    b, h, _, d = out.shape
+    return out, out.transpose(1, 2).reshape(b, -1, h * d).mean(1)
+
+
+def _bound(err_torch: float, ref: torch.Tensor) -> float:
+    # eps: one fp32 unit in the last place at the largest magnitude (guards a lucky err_torch == 0)
+    return 2.0 * err_torch + torch.finfo(torch.float32).eps * float(ref.abs().max())
+
+
+def _torch_flash_style(q, k, v, scale=None):
+    """Plain torch, the flash-attention way at the input precision: fp32 logits and softmax numerator,
+    P rounded to the input dtype for P @ V (fp32 accumulation), normalised after, output rounded."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    out = ((p.to(q.dtype).float() @ v.float()) / p.sum(-1, keepdim=True)).to(q.dtype)
+    b, h, _, d = out.shape
+    return out, torch.mean(out, dim=2, dtype=torch.float32).reshape(b, h * d)
+
+
+def _check_against_fp64(q, k, v, out, pooled, scale=None):
+    """The derived-tolerance check; returns the errors for the message.
+
+    "torch's error" is the larger of two plain-torch computations at the input precision: SDPA (on CPU
+    it keeps P in fp32) and the flash-style order the kernel uses (P rounded to the input dtype).
+    """
+    ref_out, ref_pooled = _fp64(q, k, v, scale)
+    err = (out.double() - ref_out).abs().max().item()
+    perr = (pooled.double() - ref_pooled).abs().max().item()
+    err_t = perr_t = 0.0
+    for t_out, t_pooled in (pa.pooled_attention_reference(q, k, v, scale=scale), _torch_flash_style(q, k, v, scale)):
+        err_t = max(err_t, (t_out.double() - ref_out).abs().max().item())
+        perr_t = max(perr_t, (t_pooled.double() - ref_pooled).abs().max().item())
+    assert err <= _bound(err_t, ref_out), f"out: kernel {err:.3g} vs torch {err_t:.3g}"
+    assert perr <= _bound(perr_t, ref_pooled), (
+        f"pooled: kernel {perr:.3g} vs torch {perr_t:.3g}"
+    )
+    return err, err_t, perr, perr_t
+
+
+def _check_pooled_is_mean_of_out(out, pooled):
+    b, h, n, d = out.shape
+    assert pooled.dtype == torch.float32 and pooled.shape == (b, h * d)
+    mean = out.transpose(1, 2).reshape(b, n, h * d).double().mean(1)
+    # the kernel sums exactly the stored (rounded) values in fp32 by tree reductions (within a block,
+    # then over blocks): only fp32 summation error remains, bounded by depth * eps * max|x|
+    tol = (math.log2(n) + 4) * torch.finfo(torch.float32).eps * float(out.abs().max())
+    assert (pooled.double() - mean).abs().max().item() <= tol
+
+
+# --------------------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("name", list(AWKWARD))
+def test_reference_matches_fp64_and_layout(name):
+    q, k, v = _inputs(AWKWARD[name], torch.float32, seed=1)
+    out, pooled = pa.pooled_attention_reference(q, k, v)
+    ref_out, ref_pooled = _fp64(q, k, v)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    assert torch.allclose(out.double(), ref_out, atol=1e-5, rtol=0)
+    assert torch.allclose(pooled.double(), ref_pooled, atol=1e-5, rtol=0)
+    # channel layout: pooled[:, h*hd + j] is head h, channel j
+    b, h, n, d = out.shape
+    assert torch.allclose(pooled.view(b, h, d)[:, 1], out[:, 1].mean(1), atol=1e-6)
+
+
+def test_reference_half_precision_pools_in_fp32():
+    q, k, v = _inputs((2, 3, 70, 9, 40), torch.bfloat16, seed=2)
+    out, pooled = pa.pooled_attention_reference(q, k, v)
+    assert out.dtype == torch.bfloat16 and pooled.dtype == torch.float32
+    assert torch.allclose(pooled, out.float().mean(2).reshape(2, -1), atol=1e-6)
+
+
+def test_dispatch_on_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.delenv("PURE_FAST_BACKEND", raising=False)
+    q, k, v = _inputs((1, 2, 5, 3, 8), torch.float32)
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        with backend.force("triton"):  # forced, but Triton cannot run CPU tensors without the interpreter
+            assert pa.backend_for(q, k, v) == "torch"
+    assert pa.backend_for(q, k, v) == "torch"  # auto: Triton only for CUDA tensors
+    with backend.force("torch"):
+        out, pooled = pa.pooled_attention(q, k, v)
+    r_out, r_pooled = pa.pooled_attention_reference(q, k, v)
+    assert torch.equal(out, r_out) and torch.equal(pooled, r_pooled)
+
+
+def test_unsupported_cases_are_named():
+    q, k, v = _inputs((1, 2, 5, 3, 8), torch.float32)
+    assert pa.triton_supported(q, k, v) is None
+    assert "mask" in pa.triton_supported(q, k, v, attn_mask=torch.zeros(5, 3, dtype=torch.bool))
+    kt = torch.randn(1, 2, pa.MAX_T + 1, 8)
+    assert "MAX_T" in pa.triton_supported(q, kt, kt)
+    assert "dtype" in pa.triton_supported(q.double(), k.double(), v.double())
+    assert "broadcast" in pa.triton_supported(q, k[:1, :1], v[:1, :1])
+    qg = q.clone().requires_grad_(True)
+    assert "autograd" in pa.triton_supported(qg, k, v)
+    with torch.no_grad():
+        assert pa.triton_supported(qg, k, v) is None
+    with pytest.raises(ValueError, match="mask|MAX_T"):
+        pa.pooled_attention_triton(q, kt, kt)
+
+
+def test_import_does_not_import_triton():
+    code = (
+        "import sys; import pure_fast; import pure_fast.ops.pooled_attention as m; "
+        "import torch; q = torch.randn(1, 2, 4, 8); m.pooled_attention(q, q, q); "
+        "assert 'triton' not in sys.modules, 'triton imported'"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PURE_FAST_BACKEND")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------- Triton (interpreter, CPU)
+
+
+def _worker(out_dir: str) -> None:
+    """Child process: TRITON_INTERPRET=1 is set; run the kernel on every case and save everything."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    res: dict = {}
+    for name, shape in AWKWARD.items():
+        for dname, dtype in DTYPES.items():
+            q, k, v = _inputs(shape, dtype, seed=3)
+            out, pooled = pa.pooled_attention_triton(q, k, v)
+            res[f"{name}-{dname}"] = dict(q=q, k=k, v=v, out=out, pooled=pooled)
+
+    # diffusers layout (non-contiguous [B,N,H,hd] views), custom scale, reached through the dispatcher
+    q, k, v = _inputs((2, 3, 45, 11, 40), torch.float16, seed=4, layout="diffusers")
+    with backend.force("triton"):
+        chosen = pa.backend_for(q, k, v)
+        out, pooled = pa.pooled_attention(q, k, v, scale=0.3)
+    res["diffusers_layout_scale"] = dict(q=q, k=k, v=v, out=out, pooled=pooled, backend=chosen, scale=0.3)
+
+    # many blocks (BLOCK_N=16 over N=67: 5 blocks, last one partial) and run-to-run determinism
+    q, k, v = _inputs((2, 2, 67, 20, 64), torch.float32, seed=5)
+    out1, pooled1 = pa.pooled_attention_triton(q, k, v, block_n=16)
+    out2, pooled2 = pa.pooled_attention_triton(q, k, v, block_n=16)
+    res["multiblock"] = dict(q=q, k=k, v=v, out=out1, pooled=pooled1, out2=out2, pooled2=pooled2)
+
+    # out-of-range case under a forced triton backend falls back to the reference
+    q, k, v = _inputs((1, 2, 9, pa.MAX_T + 3, 16), torch.float32, seed=6)
+    with backend.force("triton"):
+        chosen = pa.backend_for(q, k, v)
+        out, pooled = pa.pooled_attention(q, k, v)
+    res["fallback_long_t"] = dict(q=q, k=k, v=v, out=out, pooled=pooled, backend=chosen)
+
+    # PURE_FAST_BACKEND=triton (environment, not the context manager) selects the kernel too
+    os.environ["PURE_FAST_BACKEND"] = "triton"
+    q, k, v = _inputs((1, 1, 3, 2, 8), torch.float32, seed=7)
+    res["env_forced"] = dict(backend=pa.backend_for(q, k, v))
+    del os.environ["PURE_FAST_BACKEND"]
+    res["auto_on_cpu"] = dict(backend=pa.backend_for(q, k, v))
+
+    torch.save(res, os.path.join(out_dir, "results.pt"))
+
+
+@pytest.fixture(scope="module")
+def interp(tmp_path_factory):
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    d = tmp_path_factory.mktemp("pooled_attention_interp")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("PURE_FAST_BACKEND", None)
+    r = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", str(d)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, f"interpreter worker failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return torch.load(d / "results.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES)
+def test_triton_interpreter_matches_reference(interp, case):
+    c = interp[case]
+    q, out, pooled = c["q"], c["out"], c["pooled"]
+    assert out.shape == q.shape and out.dtype == q.dtype
+    _check_against_fp64(c["q"], c["k"], c["v"], out, pooled)
+    _check_pooled_is_mean_of_out(out, pooled)
+
+
+def test_triton_interpreter_diffusers_layout_and_scale(interp):
+    c = interp["diffusers_layout_scale"]
+    assert c["backend"] == "triton"
+    assert not c["q"].is_contiguous()
+    _check_against_fp64(c["q"], c["k"], c["v"], c["out"], c["pooled"], scale=c["scale"])
+    _check_pooled_is_mean_of_out(c["out"], c["pooled"])
+    b, h, n, d = c["out"].shape
+    c["out"].transpose(1, 2).view(b, n, h * d)  # [B,N,H,hd] storage: the processor's reshape is a view
+
+
+def test_triton_interpreter_multiblock_deterministic(interp):
+    c = interp["multiblock"]
+    _check_against_fp64(c["q"], c["k"], c["v"], c["out"], c["pooled"])
+    _check_pooled_is_mean_of_out(c["out"], c["pooled"])
+    assert torch.equal(c["out"], c["out2"]) and torch.equal(c["pooled"], c["pooled2"])
+
+
+def test_triton_interpreter_dispatch(interp):
+    c = interp["fallback_long_t"]
+    assert c["backend"] == "torch"
+    r_out, r_pooled = pa.pooled_attention_reference(c["q"], c["k"], c["v"])
+    assert torch.equal(c["out"], r_out) and torch.equal(c["pooled"], r_pooled)
+    assert interp["env_forced"]["backend"] == "triton"
+    assert interp["auto_on_cpu"]["backend"] == "torch"
+
+
+# ------------------------------------------------------------------------------------------- GPU
+
+SD_SHAPES = {"sd15_attn2": (4, 8, 4096, 77, 40), "sdxl_attn2": (4, 20, 1024, 77, 64)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1", reason="compiled Triton wanted")
+@pytest.mark.parametrize("dname", ["fp16", "bf16"])
+@pytest.mark.parametrize("shape_name", list(SD_SHAPES))
+@pytest.mark.parametrize("layout", ["contiguous", "diffusers"])
+def test_triton_gpu_sd_shapes(shape_name, dname, layout, monkeypatch):
+    monkeypatch.delenv("PURE_FAST_BACKEND", raising=False)
+    q, k, v = _inputs(SD_SHAPES[shape_name], DTYPES[dname], device="cuda", seed=8, layout=layout)
+    assert pa.backend_for(q, k, v) == "triton"
+    out, pooled = pa.pooled_attention(q, k, v)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    _check_against_fp64(q, k, v, out, pooled)
+    _check_pooled_is_mean_of_out(out, pooled)
+    out2, pooled2 = pa.pooled_attention(q, k, v)
+    assert torch.equal(out, out2) and torch.equal(pooled, pooled2)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        _worker(sys.argv[2])
+    else:
+        sys.exit(pytest.main([__file__] + sys.argv[1:]))
