@@ -1,0 +1,162 @@
+"""Loading models from local files only: a diffusers folder, or one .safetensors file plus a config folder.
+
+Paths are checked here first, because diffusers' own messages for a missing path or an offline config
+lookup point at the Hub. Pickle-based checkpoints (.ckpt/.pt/.bin/.pth) are refused: loading them can run
+arbitrary code.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..errors import ModelLoadError, UsageError
+from .base import ModelAdapter
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    key = str(name).lower()
+    if key not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}; use float32, float16 or bfloat16")
+    return DTYPES[key]
+
+
+def parse_device(name) -> torch.device:
+    dev = torch.device(name or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device {name!r}; use cpu or cuda")
+    return dev
+
+
+def _pipeline_class_name(folder: str) -> str:
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index):
+        raise ModelLoadError(
+            f"{folder} is not a diffusers pipeline folder (no model_index.json); "
+            "give a diffusers folder, or a .safetensors file with --config DIR"
+        )
+    try:
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {index}: {exc}") from None
+    name = data.get("_class_name") if isinstance(data, dict) else None
+    if not isinstance(name, str):
+        raise ModelLoadError(f"{index} has no _class_name; is this a diffusers pipeline folder?")
+    return name
+
+
+def _pipeline_class(name: str):
+    import diffusers
+
+    if "XL" in name:
+        return diffusers.StableDiffusionXLPipeline
+    if name.startswith("StableDiffusion"):
+        return diffusers.StableDiffusionPipeline
+    raise ModelLoadError(f"pipeline type {name} is not supported (supported: StableDiffusion 1.x/2.x, SDXL)")
+
+
+def _quiet_diffusers():
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def load_pipeline(spec: str, config: str | None = None, dtype: torch.dtype | None = None):
+    """A diffusers pipeline from a local folder or a single safetensors file + config folder."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not os.path.exists(spec):
+        raise ModelLoadError(f"model path {spec} does not exist")
+    kwargs = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    if os.path.isdir(spec):
+        cls = _pipeline_class(_pipeline_class_name(spec))
+        _quiet_diffusers()
+        try:
+            if cls.__name__ == "StableDiffusionPipeline":
+                kwargs.update(safety_checker=None, requires_safety_checker=False)
+            pipe = cls.from_pretrained(spec, **kwargs)
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"cannot load the diffusers folder {spec}: {str(exc).splitlines()[0]}") from None
+    else:
+        lower = spec.lower()
+        if lower.endswith(PICKLE_SUFFIXES):
+            raise ModelLoadError(
+                f"{spec} is a pickle-based checkpoint, which is never loaded (it can run code); "
+                "convert it to .safetensors and pass --config DIR"
+            )
+        if not lower.endswith(".safetensors"):
+            raise ModelLoadError(f"{spec} is not a .safetensors file or a diffusers folder")
+        if config is None:
+            raise UsageError(
+                f"{spec} is a single-file checkpoint: also pass --config DIR, a local diffusers folder of the same "
+                "model family (its configs are used; nothing is downloaded)"
+            )
+        if not os.path.isdir(config):
+            raise ModelLoadError(f"--config {config} is not a folder (expected a local diffusers pipeline folder)")
+        cls = _pipeline_class(_pipeline_class_name(config))
+        _quiet_diffusers()
+        try:
+            if cls.__name__ == "StableDiffusionPipeline":
+                kwargs.update(safety_checker=None, requires_safety_checker=False)
+            pipe = cls.from_single_file(spec, config=config, **kwargs)
+        except Exception as exc:  # diffusers raises many types for a bad checkpoint
+            raise ModelLoadError(
+                f"cannot load {spec} with config {config}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def family_of(pipe) -> str:
+    name = type(pipe).__name__
+    if "XL" in name:
+        return "sdxl"
+    cfg = pipe.unet.config
+    if cfg.cross_attention_dim == 1024 or getattr(cfg, "use_linear_projection", False):
+        return "sd2"
+    return "sd1"
+
+
+def wrap_pipeline(pipe, device=None, dtype=None) -> ModelAdapter:
+    if isinstance(pipe, ModelAdapter):
+        return pipe
+    from .sd import SD2Adapter, SDAdapter
+    from .sdxl import SDXLAdapter
+
+    family = family_of(pipe)
+    cls = {"sd1": SDAdapter, "sd2": SD2Adapter, "sdxl": SDXLAdapter}[family]
+    device = torch.device(device) if device is not None else pipe.unet.device
+    if dtype is None:
+        dtype = pipe.unet.dtype
+    pipe.to(device)
+    return cls(pipe, pipe.unet, device=device, dtype=dtype)
+
+
+def load_model(spec=None, *, config=None, device="cpu", dtype=None) -> ModelAdapter:
+    device = parse_device(device)
+    dtype = parse_dtype(dtype)
+    if spec is None or spec == "toy":
+        try:
+            from .toy import load_toy
+        except ImportError:
+            raise ModelLoadError("the toy model is not available in this installation; pass --model PATH") from None
+        return load_toy(device=device, dtype=dtype or torch.float32)
+    spec = os.fspath(spec)
+    pipe = load_pipeline(spec, config=config, dtype=dtype)
+    adapter = wrap_pipeline(pipe, device=device, dtype=dtype or pipe.unet.dtype)
+    adapter.source = {"model": os.path.abspath(spec), "config": os.path.abspath(config) if config else None}
+    return adapter

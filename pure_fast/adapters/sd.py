@@ -1,0 +1,72 @@
+"""Stable Diffusion 1.x and 2.x (diffusers ``StableDiffusionPipeline``).
+
+Prompts are encoded by the pipeline's own ``encode_prompt`` (last hidden state of the CLIP text model, as
+the pipeline passes it to the UNet); the negative prompt for CFG is the empty string, as in the pipeline.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .base import Conditioning, ModelAdapter, TokenEmbeddings
+
+
+class SDAdapter(ModelAdapter):
+    family = "sd1"
+    default_size = 512
+    default_collect_size = 256
+    default_guidance = 7.5
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, size: int) -> tuple[int, int, int]:
+        f = self.vae_scale_factor
+        if size % (8 if f >= 8 else f) != 0:
+            from ..errors import UsageError
+
+            raise UsageError(f"image size {size} must be a multiple of {8 if f >= 8 else f}")
+        return (self.unet.config.in_channels, size // f, size // f)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        embeds, _ = self.pipe.encode_prompt(list(prompts), self.device, 1, False)
+        return Conditioning(embeds.to(self.dtype))
+
+    def encode_negative(self, n: int) -> Conditioning:
+        return self.encode([""] * n)
+
+    def _tokenize(self, prompts: Sequence[str]):
+        tok = self.pipe.tokenizer
+        return tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt")
+
+    @torch.no_grad()
+    def encode_tokens(self, prompts: Sequence[str]) -> TokenEmbeddings:
+        t = self._tokenize(prompts)
+        embeds = self.encode(prompts).embeds
+        return TokenEmbeddings(embeds, t.attention_mask.to(embeds.device), t.input_ids.to(embeds.device))
+
+    def tokenize(self, prompt: str) -> list[str]:
+        return self.pipe.tokenizer.tokenize(prompt)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor):
+        vae = self.pipe.vae
+        dtype = vae.dtype
+        upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae = vae.to(torch.float32)
+        lat = latents.to(vae.dtype) / vae.config.scaling_factor
+        image = vae.decode(lat, return_dict=False)[0]
+        if upcast:
+            vae.to(dtype)
+        return self.pipe.image_processor.postprocess(image.float(), output_type="pil")
+
+
+class SD2Adapter(SDAdapter):
+    family = "sd2"
+    default_size = 768
+    default_collect_size = 384

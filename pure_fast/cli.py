@@ -1,0 +1,328 @@
+"""The ``pure-fast`` command line (also ``python -m pure_fast``).
+
+User errors print one line on stderr and exit 2 (usage) or 1 (runtime); ``--debug`` shows tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .errors import PureFastError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _add_model(p, required=False):
+    p.add_argument("--model", default=None, required=required,
+                   help="diffusers folder, .safetensors file (with --config), or 'toy' (default: the toy model)")
+    p.add_argument("--config", default=None, help="local diffusers folder with the configs of a single-file model")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: as stored / float32)")
+
+
+def _add_common(p):
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="pure-fast", description="Closed-form concept erasure for diffusion models")
+    ap.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    sub = ap.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("erase", help="compute an erasure edit file")
+    _add_model(p)
+    p.add_argument("--forget", action="append", default=[], metavar="TEXT", help="concept to erase (repeatable)")
+    p.add_argument("--retain", action="append", default=[], metavar="TEXT", help="concept to keep (repeatable)")
+    p.add_argument("--category", default=None, help="style, object, ip, celebrity, nsfw (or the toy world's categories)")
+    p.add_argument("--templates", default=None, metavar="FILE", help="custom anchor templates (one per line, '{}' slot)")
+    p.add_argument("--method", default="pure", help="pure, uce, cure, space, acterase")
+    p.add_argument("--out", required=True, metavar="EDIT.safetensors")
+    p.add_argument("--seed", type=int, action="append", default=None, help="collection seed(s) (repeatable)")
+    p.add_argument("--steps", type=int, default=None, help="collection schedule length")
+    p.add_argument("--record-steps", type=int, default=None, help="recorded (first) steps of the schedule")
+    p.add_argument("--size", type=int, default=None, help="collection resolution in pixels")
+    p.add_argument("--guidance", type=float, default=None, help="collection CFG scale")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per UNet call (lower it to save memory)")
+    p.add_argument("--forget-threshold", type=float, default=None, help="PURE cumulative-variance threshold (0,1]")
+    p.add_argument("--retain-threshold", type=float, default=None, help="PURE cumulative-variance threshold (0,1]")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any method option")
+    _add_common(p)
+
+    p = sub.add_parser("apply", help="write a model with edits applied")
+    _add_model(p, required=True)
+    p.add_argument("--edit", action="append", required=True, metavar="EDIT", help="edit file (repeatable: a stack)")
+    p.add_argument("--out", required=True, metavar="DIR", help="new diffusers folder")
+    p.add_argument("--force", action="store_true", help="apply even if the edit was made for other weights")
+    _add_common(p)
+
+    p = sub.add_parser("generate", help="images, optionally before/after an edit")
+    _add_model(p)
+    p.add_argument("--edit", action="append", default=[], metavar="EDIT")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT")
+    p.add_argument("--prompts-file", default=None, metavar="FILE", help="one prompt per line")
+    p.add_argument("--seed", type=int, action="append", default=None)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--out-dir", required=True, metavar="DIR")
+    p.add_argument("--force", action="store_true")
+    _add_common(p)
+
+    p = sub.add_parser("inspect", help="show what an edit file holds")
+    p.add_argument("edit", metavar="EDIT")
+    _add_common(p)
+
+    p = sub.add_parser("demo", help="the whole flow on the toy model (or a tiny random pipeline)")
+    p.add_argument("--out-dir", default="demo_out")
+    p.add_argument("--tiny", action="store_true", help="use a tiny random pipeline instead of the toy model")
+    _add_common(p)
+
+    from .cli_more import add_more_commands
+
+    add_more_commands(sub, _add_model, _add_common)
+    return ap
+
+
+def _emit(args, summary: dict, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(text)
+
+
+def _parse_option_values(items):
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--option {item!r} must look like KEY=VALUE")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip().replace("-", "_")] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip().replace("-", "_")] = v
+    return out
+
+
+def cmd_erase(args) -> int:
+    from . import api
+    from .adapters import load_model
+
+    if not args.forget:
+        raise UsageError("no --forget concept given; pass at least one --forget TEXT")
+    out = os.path.abspath(args.out)
+    if not os.path.isdir(os.path.dirname(out)):
+        raise UsageError(f"the folder of --out {args.out} does not exist")
+    kwargs = _parse_option_values(args.option)
+    for name, key in (("seed", "seeds"), ("steps", "steps"), ("record_steps", "record_steps"), ("size", "size"),
+                      ("guidance", "guidance_scale"), ("batch_size", "batch_size"),
+                      ("forget_threshold", "forget_threshold"), ("retain_threshold", "retain_threshold")):
+        v = getattr(args, name)
+        if v is not None:
+            kwargs[key] = tuple(v) if name == "seed" else v
+    from .prompts import check_concepts
+
+    check_concepts(args.forget, args.retain)  # before the (slow) model load
+    model = load_model(args.model, config=args.config, device=args.device, dtype=args.dtype)
+    t0 = time.perf_counter()
+    edit = api.erase(model, args.forget, args.retain, method=args.method, category=args.category,
+                     templates=args.templates, progress=not (args.quiet or args.json), **kwargs)
+    t1 = time.perf_counter()
+    edit.save(out)
+    timings = dict(edit.stats.get("timings", {}))
+    timings["save_s"] = time.perf_counter() - t1
+    info = edit.inspect()
+    summary = {"edit": out, "method": edit.method, "family": edit.family, "concepts": edit.concepts,
+               "timings": timings, "file_bytes": os.path.getsize(out), "changed_weights": info["changed_weights"],
+               "elapsed_s": time.perf_counter() - t0}
+    _emit(args, summary, f"wrote {out} ({edit.method}, {info['changed_weights']} weights, "
+          f"{os.path.getsize(out) / 1024:.1f} KiB) in {summary['elapsed_s']:.1f} s")
+    return 0
+
+
+def _load_edits(paths):
+    from .edits.io import load_edit
+
+    return [load_edit(p) for p in paths]
+
+
+def cmd_apply(args) -> int:
+    from .adapters import load_model
+    from .edits.checkpoint import check_new_output, write_edited_folder
+    from .edits.edit import kv_weights, revert_all
+
+    edits = _load_edits(args.edit)
+    check_new_output(args.out)
+    model = load_model(args.model, config=args.config, device=args.device, dtype=args.dtype)
+    for e in edits:
+        e.apply(model, force=args.force)
+    weights = kv_weights(model.unet)
+    changed = sorted({n for e in edits for n in e.target_weights()})
+    if os.path.isdir(args.model):
+        new = {n: weights[n].detach().cpu() for n in changed}
+        out = write_edited_folder(args.model, args.out, new)
+    else:
+        from .fileio import atomic_dir
+
+        out = os.path.abspath(args.out)
+        if os.path.exists(out):
+            os.rmdir(out)
+        with atomic_dir(out) as tmp:
+            model.pipe.save_pretrained(tmp, safe_serialization=True)
+    revert_all(model)
+    summary = {"out": out, "edits": [e.edit_id for e in edits], "changed_weights": len(changed)}
+    _emit(args, summary, f"wrote {out} with {len(edits)} edit(s) applied ({len(changed)} weights changed)")
+    return 0
+
+
+def _read_prompts(args):
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        if not os.path.isfile(args.prompts_file):
+            raise UsageError(f"--prompts-file {args.prompts_file} does not exist")
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise UsageError("no prompt given; pass --prompt TEXT or --prompts-file FILE")
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    from .adapters import load_model
+    from .edits.edit import revert_all
+    from .fileio import atomic_dir
+    from .images import grid
+
+    prompts = _read_prompts(args)
+    seeds = args.seed or [0]
+    if args.steps < 1 or args.steps > 1000:
+        raise UsageError(f"--steps {args.steps} is out of range; use 1..1000")
+    edits = _load_edits(args.edit)
+    out = os.path.abspath(args.out_dir)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UsageError(f"--out-dir {args.out_dir} exists and is not empty; choose a new folder")
+    model = load_model(args.model, config=args.config, device=args.device, dtype=args.dtype)
+    kw = dict(steps=args.steps, size=args.size, guidance_scale=args.guidance, batch_size=args.batch_size,
+              progress=not (args.quiet or args.json))
+    sets = {}
+    if edits:
+        sets["original"] = model.generate(prompts, seeds, **kw)
+        for e in edits:
+            e.apply(model, force=args.force)
+        try:
+            sets["edited"] = model.generate(prompts, seeds, **kw)
+        finally:
+            revert_all(model)
+    else:
+        sets[""] = model.generate(prompts, seeds, **kw)
+    if os.path.isdir(out):
+        os.rmdir(out)
+    with atomic_dir(out) as tmp:
+        for sub, images in sets.items():
+            folder = os.path.join(tmp, sub) if sub else tmp
+            os.makedirs(folder, exist_ok=True)
+            for i, row in enumerate(images):
+                for s, img in zip(seeds, row):
+                    img.save(os.path.join(folder, f"{i:03d}_{s}.png"))
+        if edits:
+            rows = [sets["original"][i] + sets["edited"][i] for i in range(len(prompts))]
+            cols = [f"orig s{s}" for s in seeds] + [f"edit s{s}" for s in seeds]
+            g = grid(rows, [f"{i:03d}" for i in range(len(prompts))], cols, split_after=len(seeds))
+        else:
+            g = grid(sets[""], [f"{i:03d}" for i in range(len(prompts))], [f"seed {s}" for s in seeds])
+        g.save(os.path.join(tmp, "grid.png"))
+        with open(os.path.join(tmp, "prompts.json"), "w", encoding="utf-8") as f:
+            json.dump({"prompts": prompts, "seeds": seeds, "steps": args.steps, "size": args.size,
+                       "guidance": args.guidance, "edits": args.edit}, f, indent=2)
+    summary = {"out_dir": out, "images": len(prompts) * len(seeds) * len(sets), "grid": os.path.join(out, "grid.png")}
+    _emit(args, summary, f"wrote {summary['images']} images and {summary['grid']}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .edits import fingerprint as fp
+    from .edits.io import load_edit
+
+    e = load_edit(args.edit)
+    info = e.inspect()
+    info["file_bytes"] = os.path.getsize(args.edit)
+    if getattr(e, "ranks", None):
+        info["ranks"] = e.ranks()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    lines = [
+        f"edit      {os.path.abspath(args.edit)} ({info['file_bytes'] / 1024:.1f} KiB)",
+        f"method    {e.method} ({e.kind}) for {e.family}, pure_fast {e.version}, created {e.created}",
+        f"forget    {', '.join(e.concepts.get('forget', [])) or '-'}",
+        f"retain    {', '.join(e.concepts.get('retain', [])) or '-'}",
+        f"changes   {info['changed_weights']} weights in {info['layers']} layers",
+    ]
+    if "rank_min" in info:
+        lines.append(f"ranks     {info['rank_min']}..{info['rank_max']}")
+    lines.append(f"base      {fp.short(e.base_fingerprint)}")
+    lines.append(f"result    {fp.short(e.result_fingerprint)}")
+    opts = {k: v for k, v in e.options.items() if k != "collect"}
+    lines.append(f"options   {json.dumps(opts, default=str)}")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+COMMANDS = {"erase": cmd_erase, "apply": cmd_apply, "generate": cmd_generate, "inspect": cmd_inspect,
+            "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if getattr(args, "quiet", False) or getattr(args, "json", False):
+            os.environ["PURE_FAST_PROGRESS"] = "0"
+        from .cli_more import MORE_COMMANDS
+
+        handler = COMMANDS.get(args.command) or MORE_COMMANDS[args.command]
+        return handler(args)
+    except PureFastError as exc:
+        if debug:
+            raise
+        print(f"pure-fast: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("pure-fast: interrupted (no partial output was kept)", file=sys.stderr)
+        return 130
+    except MemoryError:
+        if debug:
+            raise
+        print("pure-fast: error: out of memory; lower --batch-size (or --size)", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - last resort: still one line
+        import torch
+
+        if debug:
+            raise
+        if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            print("pure-fast: error: the device ran out of memory; lower --batch-size (or --size)", file=sys.stderr)
+            return 1
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"pure-fast: error: unexpected {type(exc).__name__}: {msg} (rerun with --debug for details)",
+              file=sys.stderr)
+        return 1

@@ -1,0 +1,254 @@
+"""PURE's collection: spatial means of the cross-attention output at every ``attn2``.
+
+A processor installed on every ``attn2`` module computes the attention exactly as diffusers'
+``AttnProcessor2_0`` does and, when recording, keeps ``mean_N softmax(QK^T/sqrt(d)) V`` (before ``to_out``)
+for the conditional rows of the CFG batch. The op is ``ops.pooled_attention`` (fused Triton kernel on CUDA,
+SDPA + mean otherwise). Originals are restored afterwards, even on error.
+
+Rows are grouped (forget concept i, retain, ...). Each group keeps its rows until it holds more rows than
+the layer width d, then switches to the streamed Gram matrix ``H^T H`` (d x d), so memory stays bounded
+however many anchors stream in.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..adapters.base import CrossAttnLayer, ModelAdapter
+
+
+# ---- options --------------------------------------------------------------------------------------------
+@dataclass
+class CollectOptions:
+    """How the short denoising trajectory for collection is run (defaults chosen on the toy world).
+
+    steps: length of the DDIM schedule. record_steps: how many of its first (noisiest) steps are run and
+    recorded (None = all). seeds: initial noises per anchor prompt. size: resolution in pixels (None = the
+    adapter's collection default). guidance_scale: CFG scale of the trajectory (None = model default).
+    batch_size: samples (prompt x seed) per UNet call. max_rows: a group switches from rows to a streamed
+    Gram matrix once it holds more rows than this (None = the layer width).
+    """
+
+    steps: int = 10
+    record_steps: int | None = 5
+    seeds: tuple[int, ...] = (0, 1)
+    size: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = "ddim"
+    batch_size: int = 16
+    max_rows: int | None = None
+
+    def validate(self) -> None:
+        from ..errors import UsageError
+
+        if not (isinstance(self.steps, int) and 1 <= self.steps <= 1000):
+            raise UsageError(f"steps={self.steps!r} is out of range; use an integer in [1, 1000]")
+        if self.record_steps is not None and not (1 <= self.record_steps <= self.steps):
+            raise UsageError(f"record_steps={self.record_steps!r} must be in [1, steps={self.steps}]")
+        if not self.seeds:
+            raise UsageError("seeds is empty; give at least one seed")
+        if self.batch_size < 1:
+            raise UsageError(f"batch_size={self.batch_size} must be >= 1")
+        if self.size is not None and not (8 <= self.size <= 4096):
+            raise UsageError(f"size={self.size} is out of range; use [8, 4096] pixels")
+        if self.guidance_scale is not None and not (0 <= self.guidance_scale <= 100):
+            raise UsageError(f"guidance_scale={self.guidance_scale} is out of range; use [0, 100]")
+
+
+# ---- per-group statistics ---------------------------------------------------------------------------
+@dataclass
+class GroupStats:
+    """Rows of one group at one layer ([n, d] fp32), or their Gram matrix H^T H once n exceeds max_rows."""
+
+    d: int
+    max_rows: int
+    rows: list = field(default_factory=list)
+    n_rows: int = 0
+    gram: torch.Tensor | None = None
+    row_sum: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.float()
+        self.n_rows += x.shape[0]
+        s = x.double().sum(0)
+        self.row_sum = s if self.row_sum is None else self.row_sum + s
+        if self.gram is not None:
+            self.gram.addmm_(x.T, x)
+            return
+        self.rows.append(x)
+        if self.n_rows > self.max_rows:
+            h = torch.cat(self.rows)
+            self.gram = h.T @ h
+            self.rows = []
+
+    def matrix(self) -> torch.Tensor:
+        return torch.cat(self.rows) if self.rows else torch.zeros(0, self.d)
+
+    def mean(self) -> torch.Tensor:
+        if self.row_sum is None:
+            return torch.zeros(self.d, dtype=torch.float64)
+        return self.row_sum / max(self.n_rows, 1)
+
+    @property
+    def is_gram(self) -> bool:
+        return self.gram is not None
+
+
+class Recorder:
+    """Shared state between the trajectory loop and the processors."""
+
+    def __init__(self, layers: Sequence[CrossAttnLayer], max_rows: int | None):
+        self.layers = list(layers)
+        self.max_rows = max_rows
+        self.stats: dict[str, list[GroupStats]] = {}
+        self.active = False
+        self.cond_slice = slice(None)
+        self.groups: list[str] = []  # group of each conditional row of the current batch
+
+    def _group_stats(self, group: str) -> list[GroupStats]:
+        if group not in self.stats:
+            self.stats[group] = [GroupStats(l.d_out, self.max_rows or l.d_out) for l in self.layers]
+        return self.stats[group]
+
+    def record(self, layer_index: int, pooled: torch.Tensor) -> None:
+        if not self.active:
+            return
+        rows = pooled[self.cond_slice]
+        if len(set(self.groups)) == 1:
+            self._group_stats(self.groups[0])[layer_index].add(rows)
+            return
+        for g in dict.fromkeys(self.groups):
+            idx = [i for i, gi in enumerate(self.groups) if gi == g]
+            self._group_stats(g)[layer_index].add(rows[idx])
+
+
+class PooledCrossAttnProcessor:
+    """AttnProcessor2_0's cross-attention, plus the spatial mean of the output before ``to_out``."""
+
+    def __init__(self, layer_index: int, recorder: Recorder):
+        self.layer_index = layer_index
+        self.recorder = recorder
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
+        from ..ops.pooled_attention import pooled_attention
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch_size, seq_len, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if attention_mask is None and self.recorder.active:
+            out, pooled = pooled_attention(query, key, value)
+            self.recorder.record(self.layer_index, pooled)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
+            if self.recorder.active:
+                self.recorder.record(self.layer_index, out.float().mean(2).reshape(batch_size, -1))
+        hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextlib.contextmanager
+def installed_processors(layers: Sequence[CrossAttnLayer], make):
+    """Install ``make(i, layer)`` on every layer's module; restore the original processors on exit."""
+    originals = [layer.module.processor for layer in layers]
+    try:
+        for i, layer in enumerate(layers):
+            layer.module.set_processor(make(i, layer))
+        yield
+    finally:
+        for layer, proc in zip(layers, originals):
+            layer.module.set_processor(proc)
+
+
+# ---- the collection stage ---------------------------------------------------------------------------------
+@dataclass
+class Activations:
+    """Per group, per layer statistics of pooled cross-attention outputs."""
+
+    layers: list[CrossAttnLayer]
+    stats: dict[str, list[GroupStats]]
+    options: CollectOptions
+
+    def groups(self) -> list[str]:
+        return list(self.stats)
+
+    def rows(self, group: str) -> int:
+        return self.stats[group][0].n_rows
+
+
+def collect_activations(
+    adapter: ModelAdapter,
+    prompt_groups: dict[str, Sequence[str]],
+    options: CollectOptions | None = None,
+    progress: bool = True,
+) -> Activations:
+    """Run the collection trajectory for every prompt of every group and return the pooled statistics."""
+    from ..progress import progress_bar
+
+    opts = options or CollectOptions()
+    opts.validate()
+    layers = adapter.cross_attention_layers()
+    recorder = Recorder(layers, opts.max_rows)
+    samples = [(g, p, s) for g, prompts in prompt_groups.items() for p in prompts for s in opts.seeds]
+    guidance = adapter.default_guidance if opts.guidance_scale is None else opts.guidance_scale
+    size = opts.size or adapter.default_collect_size
+    n_steps = opts.steps if opts.record_steps is None else opts.record_steps
+
+    def on_step(i, t):
+        recorder.active = True
+
+    with torch.no_grad(), installed_processors(layers, lambda i, l: PooledCrossAttnProcessor(i, recorder)), \
+            progress_bar(total=len(samples), desc="collect", enabled=progress) as bar:
+        for start in range(0, len(samples), opts.batch_size):
+            chunk = samples[start : start + opts.batch_size]
+            unique_prompts = list(dict.fromkeys(p for _, p, _ in chunk))
+            enc = adapter.encode(unique_prompts)
+            cond = enc.index([unique_prompts.index(p) for _, p, _ in chunk])
+            recorder.groups = [g for g, _, _ in chunk]
+            recorder.cond_slice = slice(len(chunk), None) if guidance > 1.0 else slice(None)
+            recorder.active = False
+            adapter.denoise(
+                cond, [s for _, _, s in chunk], steps=opts.steps, size=size, guidance_scale=guidance,
+                scheduler=opts.scheduler, max_steps=n_steps, on_step=on_step,
+            )
+            recorder.active = False
+            bar.update(len(chunk))
+    # groups with no prompts still get (empty) statistics
+    for g in prompt_groups:
+        recorder._group_stats(g)
+    return Activations(layers, recorder.stats, opts)

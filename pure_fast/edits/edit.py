@@ -1,0 +1,313 @@
+"""The Edit type family: one interface (apply, revert, save, load, inspect) for every method.
+
+- ``LowRankEdit``: per weight, ``W <- W + up @ down`` (PURE; any low-rank change).
+- more kinds live beside it (shared right matrix, CSR weights, activation patch) and register in ``KINDS``.
+
+Applying checks that the model is the one the edit was made for (fingerprint of its K/V weights, or the
+chain of edits already applied on it), that every tensor fits the model's layers and is finite, then
+writes the new weights (computed in float64 and rounded once, so the result is the same on any device)
+and keeps the old ones, so ``revert`` restores them bit-exactly. Applied edits form a stack per UNet.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import EditFileError, FingerprintMismatch, NumericalError
+from . import fingerprint as fp
+
+KINDS: dict[str, type["Edit"]] = {}
+
+
+def register(cls):
+    KINDS[cls.kind] = cls
+    return cls
+
+
+def resolve_unet(model) -> torch.nn.Module:
+    """Accept an adapter, a diffusers pipeline, or a UNet."""
+    if hasattr(model, "unet") and isinstance(getattr(model, "unet"), torch.nn.Module):
+        return model.unet
+    if isinstance(model, torch.nn.Module):
+        return model
+    raise TypeError(f"expected a pipeline, adapter or UNet, got {type(model).__name__}")
+
+
+def kv_weights(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Every attn2 to_k / to_v weight of the UNet by name (the set fingerprints are taken over)."""
+    from ..collect.layers import find_cross_attention_layers
+
+    out = {}
+    for layer in find_cross_attention_layers(unet):
+        out[layer.key_weight] = layer.module.to_k.weight
+        out[layer.value_weight] = layer.module.to_v.weight
+    return out
+
+
+@dataclass
+class AppliedRecord:
+    edit_id: str
+    edit: "Edit"
+    backups: dict[str, torch.Tensor]
+
+
+def applied_stack(unet: torch.nn.Module) -> list[AppliedRecord]:
+    stack = getattr(unet, "_pure_fast_applied", None)
+    if stack is None:
+        stack = []
+        object.__setattr__(unet, "_pure_fast_applied", stack)
+    return stack
+
+
+@dataclass
+class Edit:
+    """Base class. ``meta`` fields are stored in the file's JSON header."""
+
+    kind: ClassVar[str] = "base"
+
+    method: str
+    family: str
+    concepts: dict[str, list[str]]
+    options: dict[str, Any]
+    base_fingerprint: dict[str, str] = field(default_factory=dict)
+    result_fingerprint: dict[str, str] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    version: str = ""
+    edit_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.version:
+            from .. import __version__
+
+            self.version = __version__
+
+    # ---- to implement -------------------------------------------------------------------------------
+    def target_weights(self) -> list[str]:
+        """Names of the UNet weights this edit changes (empty for activation patches)."""
+        raise NotImplementedError
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def new_weight(self, name: str, current: torch.Tensor) -> torch.Tensor:
+        """The edited value of weight ``name`` given its current value (float64)."""
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "Edit":
+        raise NotImplementedError
+
+    def delta(self, name: str, current: torch.Tensor) -> torch.Tensor:
+        """ΔW for weight ``name`` (float64)."""
+        w = current.detach().to(torch.float64)
+        return self.new_weight(name, w) - w
+
+    # ---- shared behaviour -----------------------------------------------------------------------------
+    def meta(self) -> dict:
+        return {
+            "format": "pure_fast.edit", "format_version": 1, "kind": self.kind, "method": self.method,
+            "family": self.family, "concepts": self.concepts, "options": self.options,
+            "base_fingerprint": self.base_fingerprint, "result_fingerprint": self.result_fingerprint,
+            "created": self.created, "version": self.version, "edit_id": self.edit_id, "stats": self.stats,
+            "weights": {n: list(s) for n, s in self.expected_shapes().items()},
+        }
+
+    def validate_against(self, unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        weights = kv_weights(unet)
+        missing = [n for n in self.target_weights() if n not in weights]
+        if missing:
+            raise EditFileError(
+                f"this {self.family} edit targets {len(missing)} layer(s) the model does not have "
+                f"(e.g. {missing[0]}); it was made for another model family"
+            )
+        for name, shape in self.expected_shapes().items():
+            if name in weights and tuple(weights[name].shape) != tuple(shape):
+                raise EditFileError(
+                    f"{name}: edit expects shape {tuple(shape)}, model has {tuple(weights[name].shape)}; "
+                    "the edit was made for another model"
+                )
+        for name, t in self.tensors().items():
+            if t.is_floating_point():
+                from ..ops.finite import finite_stats
+
+                bad, _ = finite_stats(t)
+                if bad:
+                    raise NumericalError(f"edit tensor {name} has {bad} NaN/Inf values; refusing to apply it")
+        return weights
+
+    def check_fingerprint(self, unet: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        stack = applied_stack(unet)
+        if not self.base_fingerprint:
+            return
+        if stack and stack[-1].edit.result_fingerprint:
+            top = stack[-1].edit.result_fingerprint
+            if any(top.get(k) and top.get(k) == self.base_fingerprint.get(k) for k in ("float16", "bfloat16")) or (
+                top.get("exact") == self.base_fingerprint.get("exact")
+            ):
+                return
+        if fp.matches(self.base_fingerprint, weights):
+            return
+        where = f"after edit {stack[-1].edit_id} ({stack[-1].edit.method})" if stack else "in this model"
+        raise FingerprintMismatch(
+            f"edit {self.edit_id} was made for other weights (fingerprint {fp.short(self.base_fingerprint)}) than "
+            f"the K/V weights {where}; apply it to the model it was made from (or pass force=True / --force)"
+        )
+
+    @torch.no_grad()
+    def apply(self, model, *, check: bool = True, force: bool = False) -> "Edit":
+        """Apply to a pipeline / adapter / UNet in place. Returns self."""
+        unet = resolve_unet(model)
+        weights = self.validate_against(unet)
+        if check and not force:
+            self.check_fingerprint(unet, weights)
+        new_values = {}
+        for name in self.target_weights():
+            p = weights[name]
+            new = self.new_weight(name, p.detach().to(torch.float64)).to(p.dtype)
+            from ..ops.finite import finite_stats
+
+            if finite_stats(new)[0]:
+                raise NumericalError(f"applying the edit makes {name} non-finite; the model was not changed")
+            new_values[name] = new
+        backups = {}
+        for name, new in new_values.items():
+            p = weights[name]
+            backups[name] = p.detach().clone()
+            p.data.copy_(new)
+        self._install(unet)
+        applied_stack(unet).append(AppliedRecord(self.edit_id, self, backups))
+        return self
+
+    @torch.no_grad()
+    def revert(self, model) -> None:
+        """Undo this edit bit-exactly; it must be the last edit applied on the model."""
+        unet = resolve_unet(model)
+        stack = applied_stack(unet)
+        if not stack or stack[-1].edit_id != self.edit_id:
+            ids = [r.edit_id for r in stack]
+            if self.edit_id in ids:
+                raise EditFileError(
+                    f"edit {self.edit_id} is not the last one applied; revert the {len(ids) - 1 - ids.index(self.edit_id)} "
+                    "edit(s) applied after it first"
+                )
+            raise EditFileError(f"edit {self.edit_id} is not applied to this model")
+        rec = stack.pop()
+        weights = kv_weights(unet)
+        for name, old in rec.backups.items():
+            weights[name].data.copy_(old)
+        self._uninstall(unet)
+
+    def _install(self, unet) -> None:  # activation patches override
+        pass
+
+    def _uninstall(self, unet) -> None:
+        pass
+
+    def save(self, path: str) -> str:
+        from .io import save_edit
+
+        return save_edit(self, path)
+
+    @staticmethod
+    def load(path: str) -> "Edit":
+        from .io import load_edit
+
+        return load_edit(path)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def inspect(self) -> dict:
+        m = self.meta()
+        m.pop("weights")
+        m["layers"] = len({n.rsplit(".", 2)[0] for n in self.target_weights()}) if self.target_weights() else 0
+        m["changed_weights"] = len(self.target_weights())
+        m["tensor_bytes"] = self.nbytes()
+        return m
+
+
+def revert_all(model, n: int | None = None) -> int:
+    """Revert the last ``n`` edits (all when None) in reverse order; returns how many were reverted."""
+    unet = resolve_unet(model)
+    stack = applied_stack(unet)
+    count = len(stack) if n is None else min(n, len(stack))
+    for _ in range(count):
+        stack[-1].edit.revert(unet)
+    return count
+
+
+@register
+@dataclass
+class LowRankEdit(Edit):
+    """``W <- W + up @ down`` per weight; ``up`` [d_out, r], ``down`` [r, d_in] (float32 storage)."""
+
+    kind: ClassVar[str] = "lowrank"
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def target_weights(self) -> list[str]:
+        return list(self.factors)
+
+    def expected_shapes(self):
+        return dict(self.shapes)
+
+    def new_weight(self, name, current):
+        up, down = self.factors[name]
+        return current + up.to(current.device, torch.float64) @ down.to(current.device, torch.float64)
+
+    def delta(self, name, current):
+        up, down = self.factors[name]
+        return up.to(current.device, torch.float64) @ down.to(current.device, torch.float64)
+
+    def ranks(self) -> dict[str, int]:
+        return {n: int(u.shape[1]) for n, (u, _) in self.factors.items()}
+
+    def tensors(self):
+        out = {}
+        for n, (u, d) in self.factors.items():
+            out[f"{n}.up"] = u.contiguous()
+            out[f"{n}.down"] = d.contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(cls, meta, tensors):
+        shapes = {n: tuple(s) for n, s in meta["weights"].items()}
+        factors = {}
+        for n, (d_out, d_in) in shapes.items():
+            up, down = tensors.get(f"{n}.up"), tensors.get(f"{n}.down")
+            if up is None or down is None:
+                raise EditFileError(f"edit file lacks the factors of {n}")
+            if up.dim() != 2 or down.dim() != 2 or up.shape[0] != d_out or down.shape[1] != d_in or up.shape[1] != down.shape[0]:
+                raise EditFileError(
+                    f"factors of {n} have shapes {tuple(up.shape)} and {tuple(down.shape)}, "
+                    f"which do not make a {d_out}x{d_in} change"
+                )
+            factors[n] = (up, down)
+        extra = set(tensors) - {f"{n}.{s}" for n in shapes for s in ("up", "down")}
+        if extra:
+            raise EditFileError(f"edit file has unexpected tensors (e.g. {sorted(extra)[0]})")
+        return cls(factors=factors, shapes=shapes, **_common_fields(meta))
+
+    def inspect(self):
+        m = super().inspect()
+        r = list(self.ranks().values())
+        m["rank_min"], m["rank_max"] = (min(r), max(r)) if r else (0, 0)
+        return m
+
+
+def _common_fields(meta: dict) -> dict:
+    return {
+        "method": meta["method"], "family": meta["family"], "concepts": meta.get("concepts", {}),
+        "options": meta.get("options", {}), "base_fingerprint": meta.get("base_fingerprint", {}),
+        "result_fingerprint": meta.get("result_fingerprint", {}), "created": meta.get("created", ""),
+        "version": meta.get("version", ""), "edit_id": meta.get("edit_id", uuid.uuid4().hex[:16]),
+        "stats": meta.get("stats", {}),
+    }

@@ -1,0 +1,1 @@
+"""Estimation: orthonormal subspace bases per layer, batched over groups of equally shaped layers."""

@@ -1,0 +1,1 @@
+"""Evaluation: activation-level checks for any model, and the toy-world benchmark."""

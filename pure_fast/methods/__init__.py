@@ -1,0 +1,3 @@
+"""Erasure methods: each turns (model, forget, retain, options) into an Edit."""
+
+METHODS = ("pure", "uce", "cure", "space", "acterase")

@@ -1,0 +1,164 @@
+"""Batched subspace estimation: orthonormal bases of row spaces for a stack of equally shaped layers.
+
+One call handles every layer of a shape group (``[L, n, d]`` rows or ``[L, d, d]`` Gram matrices):
+- rows with n < d: eigen-decomposition of the small Gram ``H H^T`` ([L, n, n]), V = H^T U / sigma;
+- rows with n >= d, or a streamed Gram ``H^T H``: eigen-decomposition of the d x d Gram.
+Per-layer ranks from a cumulative-variance threshold are applied with masks (columns past the rank are
+zero), so no Python loop runs over layers. Work is done in float64 for stability.
+
+``subspace_basis_loop`` is the per-layer reference used by tests and benchmarks.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _ranks_from_energy(s2: torch.Tensor, threshold: float, max_rank: int | None, rel_floor: float) -> torch.Tensor:
+    """s2: [L, k] descending eigenvalues. Smallest r with cumulative share >= threshold, per layer."""
+    s2 = s2.clamp(min=0)
+    total = s2.sum(-1, keepdim=True)
+    share = s2.cumsum(-1) / total.clamp(min=torch.finfo(s2.dtype).tiny)
+    # number of leading components needed: count of shares strictly below threshold, plus one
+    r = (share < threshold - 1e-12).sum(-1) + 1
+    # never keep numerically-zero directions
+    significant = (s2 > rel_floor * s2[..., :1]).sum(-1)
+    r = torch.minimum(r, significant)
+    if max_rank is not None:
+        r = r.clamp(max=max_rank)
+    r = torch.where(total.squeeze(-1) > 0, r, torch.zeros_like(r))
+    return r
+
+
+def subspace_basis(
+    data: torch.Tensor,
+    threshold: float,
+    *,
+    is_gram: bool = False,
+    max_rank: int | None = None,
+    rel_floor: float = 1e-10,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top right-singular vectors up to a cumulative-variance threshold, for every layer at once.
+
+    data: [L, n, d] rows (or [L, d, d] Gram when ``is_gram``). Returns (V [L, d, k] with zero columns past
+    each layer's rank, ranks [L] int64, energies [L, k] descending sigma^2). k = max rank over layers.
+    """
+    if data.dim() != 3:
+        raise ValueError(f"expected a [L, n, d] stack, got shape {tuple(data.shape)}")
+    x = data.to(torch.float64)
+    L = x.shape[0]
+    if is_gram:
+        d = x.shape[-1]
+        evals, evecs = torch.linalg.eigh(0.5 * (x + x.transpose(1, 2)))
+        s2 = evals.flip(-1)
+        V = evecs.flip(-1)
+    else:
+        n, d = x.shape[1], x.shape[2]
+        if n == 0:
+            return x.new_zeros(L, d, 0), torch.zeros(L, dtype=torch.long, device=x.device), x.new_zeros(L, 0)
+        if n < d:
+            small = x @ x.transpose(1, 2)  # [L, n, n]
+            evals, U = torch.linalg.eigh(small)
+            s2 = evals.flip(-1).clamp(min=0)
+            U = U.flip(-1)
+            sigma = s2.sqrt()
+            safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+            V = (x.transpose(1, 2) @ U) / safe.unsqueeze(1)
+        else:
+            _, S, Vh = torch.linalg.svd(x, full_matrices=False)
+            s2 = S**2
+            V = Vh.transpose(1, 2)
+    ranks = _ranks_from_energy(s2, threshold, max_rank, rel_floor)
+    k = int(ranks.max()) if ranks.numel() else 0
+    V = V[:, :, :k]
+    mask = torch.arange(k, device=V.device)[None, :] < ranks[:, None]  # [L, k]
+    V = V * mask[:, None, :]
+    if not is_gram and k > 0:
+        # re-orthonormalise the kept columns (the small-Gram route loses a little orthogonality)
+        Q, R = torch.linalg.qr(V)
+        sign = torch.sign(torch.diagonal(R, dim1=1, dim2=2))
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        V = Q * sign[:, None, :] * mask[:, None, :]
+    return V, ranks, s2[:, :k] * mask
+
+
+def subspace_basis_loop(data: torch.Tensor, threshold: float, *, is_gram: bool = False,
+                        max_rank: int | None = None):
+    """Reference: one full SVD (or eigh) per layer in a Python loop. Same outputs as ``subspace_basis``."""
+    Vs, ranks = [], []
+    for l in range(data.shape[0]):
+        x = data[l].to(torch.float64)
+        if is_gram:
+            evals, evecs = torch.linalg.eigh(0.5 * (x + x.T))
+            s2, V = evals.flip(0).clamp(min=0), evecs.flip(1)
+        else:
+            _, S, Vh = torch.linalg.svd(x, full_matrices=False)
+            s2, V = S**2, Vh.T
+        r = int(_ranks_from_energy(s2[None], threshold, max_rank, 1e-10)[0])
+        Vs.append(V[:, :r])
+        ranks.append(r)
+    k = max(ranks) if ranks else 0
+    d = data.shape[-1]
+    out = torch.zeros(data.shape[0], d, k, dtype=torch.float64, device=data.device)
+    for l, V in enumerate(Vs):
+        out[l, :, : V.shape[1]] = V
+    return out, torch.tensor(ranks, dtype=torch.long), None
+
+
+def centered_basis(
+    data: torch.Tensor,
+    threshold: float,
+    *,
+    mean: torch.Tensor,
+    count: int | torch.Tensor,
+    is_gram: bool = False,
+    max_rank: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Basis of span{mean} + the top principal directions of the centred data (threshold on centred variance).
+
+    data: rows [L, n, d] or uncentred Gram [L, d, d]; mean: [L, d] row mean; count: rows per layer.
+    Returns (V [L, d, k] masked, ranks [L]). The mean direction is always kept (when non-zero): it carries
+    the concept's average signal; the centred spectrum decides how many further directions are kept.
+    """
+    x = data.to(torch.float64)
+    mu = mean.to(torch.float64)
+    if is_gram:
+        n = torch.as_tensor(count, dtype=torch.float64, device=x.device).reshape(-1, 1, 1)
+        xc = x - n * mu[:, :, None] * mu[:, None, :]
+        Vc, rc, _ = subspace_basis(xc, threshold, is_gram=True, max_rank=None if max_rank is None else max(max_rank - 1, 1))
+    else:
+        xc = x - mu[:, None, :]
+        Vc, rc, _ = subspace_basis(xc, threshold, max_rank=None if max_rank is None else max(max_rank - 1, 1))
+    # add the mean direction, Gram-Schmidt against the centred basis
+    resid = mu - (Vc @ (Vc.transpose(1, 2) @ mu[:, :, None]))[:, :, 0] if Vc.shape[2] else mu.clone()
+    norm = resid.norm(dim=1)
+    keep = norm > 1e-8 * mu.norm(dim=1).clamp(min=1e-300)
+    unit = resid / norm.clamp(min=1e-300)[:, None] * keep[:, None]
+    V = torch.cat([unit[:, :, None], Vc], dim=2)
+    ranks = rc + keep.long()
+    # compact: move zero columns to the end so that columns [0, rank) are the basis
+    order = torch.argsort((V.abs().sum(1) == 0).to(torch.int8), dim=1, stable=True)
+    V = torch.gather(V, 2, order[:, None, :].expand(-1, V.shape[1], -1))
+    k = int(ranks.max()) if ranks.numel() else 0
+    return V[:, :, :k], ranks
+
+
+def union_basis(bases: list[torch.Tensor], tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal basis of the sum of subspaces (each [L, d, k_i], zero columns allowed), batched.
+
+    Returns (V [L, d, k] masked, ranks [L]). Directions shared by several inputs are kept once.
+    """
+    cat = torch.cat([b.to(torch.float64) for b in bases], dim=2)
+    if cat.shape[2] == 0:
+        return cat, torch.zeros(cat.shape[0], dtype=torch.long, device=cat.device)
+    U, S, _ = torch.linalg.svd(cat, full_matrices=False)
+    ranks = (S > tol).sum(-1)
+    k = int(ranks.max())
+    mask = torch.arange(k, device=U.device)[None, :] < ranks[:, None]
+    return U[:, :, :k] * mask[:, None, :], ranks
+
+
+def projector_distance(V1: torch.Tensor, V2: torch.Tensor) -> torch.Tensor:
+    """||P1 - P2||_F per layer: compares subspaces independent of the choice of basis."""
+    P1 = V1 @ V1.transpose(-1, -2)
+    P2 = V2 @ V2.transpose(-1, -2)
+    return torch.linalg.matrix_norm(P1 - P2)

@@ -1,0 +1,99 @@
+"""Anchor prompts: concepts as plain phrases, expanded with templates per category.
+
+Categories: style, object (also 'ip'), celebrity, nsfw, and the toy world's shape / colour / background.
+Custom templates come from a text or JSON file (one template per line, each with one '{}' slot).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+from .errors import UsageError
+
+TEMPLATES: dict[str, list[str]] = {
+    "style": [
+        "a painting in the style of {}", "an artwork by {}", "a picture in {} style", "art by {}",
+        "a landscape painted by {}", "a portrait in the style of {}", "{} style illustration", "a still life by {}",
+    ],
+    "object": [
+        "a photo of {}", "an image of {}", "{}", "a picture of {}", "a drawing of {}",
+        "{} in a city street", "a close-up photo of {}", "a cartoon of {}",
+    ],
+    "celebrity": [
+        "a photo of {}", "a portrait of {}", "{} smiling", "a headshot of {}", "{} at a press event",
+        "a close-up photo of {}'s face", "{} walking on the street", "a picture of {}",
+    ],
+    "nsfw": [
+        "{}", "a photo of {}", "an image showing {}", "a painting with {}", "a picture of a person, {}",
+        "{} in a bedroom", "an artwork depicting {}", "a realistic photo, {}",
+    ],
+}
+TEMPLATES["ip"] = TEMPLATES["object"]
+TOY_CATEGORIES = ("shape", "colour", "background")
+CATEGORIES = tuple(TEMPLATES) + TOY_CATEGORIES
+
+
+def load_templates(path: str) -> list[str]:
+    """Templates from a file: a JSON list of strings, or one template per line (# comments allowed)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"templates file {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read templates file {path}: {exc}") from None
+    if path.endswith(".json"):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"templates file {path} is not valid JSON: {exc}") from None
+        if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
+            raise UsageError(f"templates file {path} must hold a JSON list of strings")
+    else:
+        items = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    bad = [t for t in items if t.count("{}") != 1]
+    if not items or bad:
+        raise UsageError(f"every template in {path} needs exactly one '{{}}' slot (bad: {bad[:3]})")
+    return items
+
+
+def expand(concept: str, category: str | None = None, templates: Sequence[str] | None = None,
+           n: int | None = None) -> list[str]:
+    """Anchor prompts for one concept."""
+    if templates is None:
+        cat = (category or "object").lower()
+        if cat in TOY_CATEGORIES:
+            from .toy import world
+
+            prompts = world.anchor_prompts(concept)
+            return prompts[:n] if n else prompts
+        if cat not in TEMPLATES:
+            raise UsageError(f"unknown category {category!r}; use one of {', '.join(CATEGORIES)} or --templates FILE")
+        templates = TEMPLATES[cat]
+    prompts = [t.format(concept) for t in templates]
+    return prompts[:n] if n else prompts
+
+
+def check_concepts(forget: Sequence[str], retain: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Normalise and validate concept lists: non-empty forget, no duplicates, no overlap."""
+    def clean(items, what):
+        out = []
+        for c in items:
+            if not isinstance(c, str) or not c.strip():
+                raise UsageError(f"empty {what} concept; give a non-empty phrase")
+            out.append(" ".join(c.split()))
+        low = [c.lower() for c in out]
+        dup = sorted({c for c in low if low.count(c) > 1})
+        if dup:
+            raise UsageError(f"duplicate {what} concept(s): {', '.join(dup)}")
+        return out
+
+    f = clean(forget, "forget")
+    r = clean(retain, "retain")
+    if not f:
+        raise UsageError("no forget concept given; pass at least one --forget TEXT")
+    overlap = sorted({c.lower() for c in f} & {c.lower() for c in r})
+    if overlap:
+        raise UsageError(f"concept(s) both forgotten and retained: {', '.join(overlap)}; remove them from --retain")
+    return f, r

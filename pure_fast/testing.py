@@ -1,0 +1,185 @@
+"""Tiny pipelines with random weights, built in-process (tests, the no-weights demo, shape work).
+
+Tokenizers use the real CLIP BPE vocabulary shipped by ``open-clip-torch`` (installed with --no-deps), so
+different prompts get different token ids exactly as with real Stable Diffusion. ``build_unet_architecture``
+gives the full SD1.5 / SD2 / SDXL UNets with random weights (or on the ``meta`` device) for speed work.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from functools import lru_cache
+
+import torch
+
+from .errors import PureFastError
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def _clip_bpe_path() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise PureFastError("the CLIP vocabulary comes from open-clip-torch: pip install --no-deps open-clip-torch")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "bpe_simple_vocab_16e6.txt.gz")
+    if not os.path.exists(path):
+        raise PureFastError(f"CLIP BPE vocabulary not found at {path}; reinstall open-clip-torch (--no-deps)")
+    return path
+
+
+@lru_cache(maxsize=1)
+def clip_tokenizer_files() -> str:
+    """A folder with vocab.json + merges.txt of the real CLIP BPE (49408 tokens), built once per process."""
+    merges = gzip.open(_clip_bpe_path()).read().decode("utf-8").split("\n")
+    merges = merges[1 : 49152 - 256 - 2 + 1]
+    pairs = [tuple(m.split()) for m in merges]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(p) for p in pairs]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder = tempfile.mkdtemp(prefix="pure_fast_clip_tok_")
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(p) for p in pairs) + "\n")
+    return folder
+
+
+def clip_tokenizer(pad_token: str | None = None):
+    from transformers import CLIPTokenizer
+
+    folder = clip_tokenizer_files()
+    kwargs = {"model_max_length": 77}
+    if pad_token is not None:
+        kwargs["pad_token"] = pad_token
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), **kwargs)
+
+
+def _clip_text_config(hidden: int, layers: int = 2, projection: int | None = None):
+    from transformers import CLIPTextConfig
+
+    kw = dict(
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=hidden, intermediate_size=2 * hidden,
+        layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=layers, vocab_size=49408,
+        max_position_embeddings=77, hidden_act="quick_gelu",
+    )
+    if projection is not None:
+        kw["projection_dim"] = projection
+    return CLIPTextConfig(**kw)
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4,
+        sample_size=32,
+    )
+
+
+def _ddim(prediction_type: str = "epsilon"):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+    )
+
+
+def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
+    """A randomly initialised pipeline of the given family ('sd1', 'sd2', 'sdxl'), ~1-3M parameters.
+
+    Several cross-attention layers of two widths (32 and 64) so shape groups are exercised; 32 px images.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    if family in ("sd1", "sd2"):
+        d_txt = 32 if family == "sd1" else 48
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=d_txt, attention_head_dim=(2, 4) if family == "sd2" else 4,
+            use_linear_projection=family == "sd2", norm_num_groups=8,
+        )
+        text_encoder = CLIPTextModel(_clip_text_config(d_txt))
+        pipe = StableDiffusionPipeline(
+            vae=_tiny_vae(), text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+            scheduler=_ddim("v_prediction" if family == "sd2" else "epsilon"),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    elif family == "sdxl":
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=8,
+        )
+        te1 = CLIPTextModel(_clip_text_config(32))
+        te2 = CLIPTextModelWithProjection(_clip_text_config(32, projection=32))
+        pipe = StableDiffusionXLPipeline(
+            vae=_tiny_vae(), text_encoder=te1, text_encoder_2=te2, tokenizer=clip_tokenizer(),
+            tokenizer_2=clip_tokenizer(pad_token="!"), unet=unet, scheduler=_ddim(), force_zeros_for_empty_prompt=True,
+        )
+    else:
+        raise ValueError(f"unknown tiny family {family!r}; use sd1, sd2 or sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_pipeline(path: str, family: str = "sd1", seed: int = 0) -> str:
+    """Build and save a tiny pipeline as a diffusers folder (safetensors); returns the path."""
+    pipe = build_tiny_pipeline(family, seed)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+# ---- full-size architectures (random weights) -------------------------------------------------------
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+SD2_UNET = dict(SD15_UNET, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                use_linear_projection=True)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+ARCHITECTURES = {"sd15": SD15_UNET, "sd2": SD2_UNET, "sdxl": SDXL_UNET}
+
+
+def build_unet_architecture(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """The full UNet of SD1.5 / SD2 / SDXL with random weights (device='meta' for shapes only)."""
+    from diffusers import UNet2DConditionModel
+
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; use one of {', '.join(ARCHITECTURES)}")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**ARCHITECTURES[name])
+    return unet.to(dtype=dtype)

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny pipelines built in-process (random weights, real CLIP BPE tokenizer)."""
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("PURE_FAST_PROGRESS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+import pytest  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow (make test-slow)")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1():
+    from pure_fast.testing import build_tiny_pipeline
+
+    return build_tiny_pipeline("sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl():
+    from pure_fast.testing import build_tiny_pipeline
+
+    return build_tiny_pipeline("sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_dir(tmp_path_factory):
+    from pure_fast.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sd1"), "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_other_dir(tmp_path_factory):
+    """Same architecture, other random weights (an edit made for tiny_sd1 must be refused here)."""
+    from pure_fast.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sd1-other"), "sd1", seed=1)
+
+
+# fast collection settings for tests: 32 px, 1 seed, 4-step schedule, 2 recorded steps
+FAST = dict(size=32, seeds=(0,), steps=4, record_steps=2)

@@ -1,0 +1,76 @@
+"""Batched subspace estimation against per-layer SVD, compared through projectors (never raw vectors)."""
+import pytest
+import torch
+
+from pure_fast.ops.batched_svd import (centered_basis, projector_distance, subspace_basis, subspace_basis_loop,
+                                       union_basis)
+
+
+def _planted(L, n, d, ranks, noise=1e-3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(L, n, d, dtype=torch.float64)
+    for l, r in enumerate(ranks):
+        basis = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))[0]
+        coef = torch.randn(n, r, generator=g, dtype=torch.float64) * torch.linspace(3, 1, r, dtype=torch.float64)
+        out[l] = coef @ basis.T + noise * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return out
+
+
+@pytest.mark.parametrize("n,d", [(12, 67), (80, 40), (7, 7)])
+def test_batched_matches_loop(n, d):
+    H = _planted(4, n, d, [1, 3, 5, 2])
+    V, ranks, _ = subspace_basis(H, 0.99)
+    Vl, ranks_l, _ = subspace_basis_loop(H, 0.99)
+    assert ranks.tolist() == ranks_l.tolist()
+    assert projector_distance(V, Vl).max() < 1e-8
+    # orthonormal kept columns, zero columns past the rank
+    for l, r in enumerate(ranks.tolist()):
+        G = V[l].T @ V[l]
+        torch.testing.assert_close(G[:r, :r], torch.eye(r, dtype=torch.float64), atol=1e-10, rtol=0)
+        assert V[l, :, r:].abs().max() == 0 if r < V.shape[2] else True
+
+
+def test_gram_route_equals_rows_route():
+    H = _planted(3, 90, 32, [2, 4, 6])
+    V1, r1, _ = subspace_basis(H, 0.995)
+    V2, r2, _ = subspace_basis(H.transpose(1, 2) @ H, 0.995, is_gram=True)
+    assert r1.tolist() == r2.tolist()
+    assert projector_distance(V1, V2).max() < 1e-8
+
+
+def test_threshold_ranks_recover_planted_dimension():
+    H = _planted(3, 50, 30, [1, 3, 5], noise=1e-6)
+    _, ranks, _ = subspace_basis(H, 0.9999)
+    assert ranks.tolist() == [1, 3, 5]
+
+
+def test_zero_data_gives_rank_zero_not_nan():
+    V, ranks, _ = subspace_basis(torch.zeros(2, 5, 9), 0.9)
+    assert ranks.tolist() == [0, 0] and torch.isfinite(V).all()
+    V, ranks = centered_basis(torch.zeros(2, 5, 9), 0.9, mean=torch.zeros(2, 9), count=5)
+    assert ranks.tolist() == [0, 0] and torch.isfinite(V).all()
+
+
+def test_centered_basis_contains_mean_and_centred_pcs():
+    g = torch.Generator().manual_seed(1)
+    d = 25
+    mu = torch.randn(d, dtype=torch.float64, generator=g) * 10
+    dirs = torch.linalg.qr(torch.randn(d, 2, dtype=torch.float64, generator=g))[0]
+    H = mu + torch.randn(40, 2, dtype=torch.float64, generator=g) @ dirs.T
+    V, ranks = centered_basis(H[None], 0.999, mean=H.mean(0)[None], count=40)
+    assert int(ranks[0]) == 3
+    P = V[0] @ V[0].T
+    for v in (mu / mu.norm(), dirs[:, 0], dirs[:, 1]):
+        assert (P @ v - v).norm() < 1e-6
+    # gram route gives the same subspace
+    Vg, rg = centered_basis((H.T @ H)[None], 0.999, mean=H.mean(0)[None], count=40, is_gram=True)
+    assert projector_distance(V, Vg).max() < 1e-6
+
+
+def test_union_of_nearly_collinear_bases():
+    e = torch.eye(6, dtype=torch.float64)
+    a = e[:, :2][None]
+    b = torch.stack([e[:, 1] + 1e-9 * e[:, 4], e[:, 2]], 1)[None]
+    b = torch.linalg.qr(b)[0]
+    V, r = union_basis([a, b])
+    assert int(r[0]) == 3 and torch.isfinite(V).all()
