@@ -58,18 +58,17 @@ def erase(
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     adapter = _adapter(model)
     f_prompts, r_prompts = anchor_sets(forget, retain, category, templates)
+    opts = build_options(method, options, kwargs, category)
     t0 = time.perf_counter()
     if method == "pure":
-        from .methods.pure import PureOptions, pure_edit
+        from .methods.pure import pure_edit
 
-        opts = options or _options_from_kwargs(PureOptions, kwargs)
         edit = pure_edit(adapter, f_prompts, r_prompts, opts, progress=progress)
     else:
         from importlib import import_module
 
         mod = import_module(f".methods.{method}", __package__)
-        edit = mod.make_edit(adapter, forget, retain, f_prompts, r_prompts, options=options, progress=progress,
-                             category=category, **kwargs)
+        edit = mod.make_edit(adapter, forget, retain, f_prompts, r_prompts, options=opts, progress=progress)
     edit.concepts["forget"] = list(forget)
     edit.concepts["retain"] = list(retain)
     if category:
@@ -80,6 +79,42 @@ def erase(
         stamp_fingerprints(edit, adapter)
         edit.stats["timings"]["fingerprint_s"] = time.perf_counter() - t1
     return edit
+
+
+def options_class(method: str):
+    from importlib import import_module
+
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    mod = import_module(f".methods.{method}", __package__)
+    return mod.OPTIONS if hasattr(mod, "OPTIONS") else mod.PureOptions
+
+
+def build_options(method: str, options=None, kwargs: dict | None = None, category: str | None = None):
+    """The method's options dataclass from keyword arguments, validated (clear errors before any work)."""
+    cls = options_class(method)
+    if options is None:
+        kw = dict(kwargs or {})
+        if category and hasattr(cls, "for_category"):
+            return cls.for_category(category, **kw) if not kw else _validated(_with_category(cls, category, kw))
+        options = _options_from_kwargs(cls, kw)
+    elif kwargs:
+        raise UsageError("pass either options=... or keyword options, not both")
+    return _validated(options)
+
+
+def _with_category(cls, category, kw):
+    base = cls.for_category(category)
+    from dataclasses import replace
+
+    top = _options_from_kwargs(cls, kw)
+    changed = {k: getattr(top, k) for k in kw if hasattr(base, k)}
+    return replace(base, **changed) if changed else top
+
+
+def _validated(opts):
+    opts.validate()
+    return opts
 
 
 def stamp_fingerprints(edit: Edit, model) -> None:

@@ -131,10 +131,13 @@ def cmd_erase(args) -> int:
     from .prompts import check_concepts
 
     check_concepts(args.forget, args.retain)  # before the (slow) model load
+    options = api.build_options(args.method, None, kwargs, args.category)
+    if args.templates is None:
+        api.anchor_sets(args.forget, args.retain, args.category)  # unknown category -> error now
     model = load_model(args.model, config=args.config, device=args.device, dtype=args.dtype)
     t0 = time.perf_counter()
     edit = api.erase(model, args.forget, args.retain, method=args.method, category=args.category,
-                     templates=args.templates, progress=not (args.quiet or args.json), **kwargs)
+                     templates=args.templates, options=options, progress=not (args.quiet or args.json))
     t1 = time.perf_counter()
     edit.save(out)
     timings = dict(edit.stats.get("timings", {}))

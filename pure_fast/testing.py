@@ -183,3 +183,7 @@ def build_unet_architecture(name: str, device: str = "cpu", dtype: torch.dtype =
     with torch.device(device):
         unet = UNet2DConditionModel(**ARCHITECTURES[name])
     return unet.to(dtype=dtype)
+
+
+# fast collection settings for tests on tiny pipelines: 32 px, 1 seed, 4-step schedule, 2 recorded steps
+FAST_COLLECT = dict(size=32, seeds=(0,), steps=4, record_steps=2)

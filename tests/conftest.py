@@ -55,6 +55,3 @@ def tiny_sd1_other_dir(tmp_path_factory):
 
     return save_tiny_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sd1-other"), "sd1", seed=1)
 
-
-# fast collection settings for tests: 32 px, 1 seed, 4-step schedule, 2 recorded steps
-FAST = dict(size=32, seeds=(0,), steps=4, record_steps=2)

@@ -29,7 +29,10 @@ def parse_dtype(name) -> torch.dtype | None:
 
 
 def parse_device(name) -> torch.device:
-    dev = torch.device(name or "cpu")
+    try:
+        dev = torch.device(name or "cpu")
+    except (RuntimeError, TypeError):
+        raise UsageError(f"unknown device {name!r}; use cpu or cuda") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     if dev.type not in ("cpu", "cuda"):
@@ -72,6 +75,7 @@ def _quiet_diffusers():
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def load_pipeline(spec: str, config: str | None = None, dtype: torch.dtype | None = None):
