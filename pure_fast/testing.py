@@ -187,3 +187,37 @@ def build_unet_architecture(name: str, device: str = "cpu", dtype: torch.dtype =
 
 # fast collection settings for tests on tiny pipelines: 32 px, 1 seed, 4-step schedule, 2 recorded steps
 FAST_COLLECT = dict(size=32, seeds=(0,), steps=4, record_steps=2)
+
+
+def build_architecture_pipeline(name: str = "sd15", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A full-size SD1.5 / SD2 / SDXL pipeline with random weights (UNet, text encoder(s), VAE) for timing.
+
+    Timing does not depend on weight values; tokenizers are the real CLIP BPE.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = build_unet_architecture(name, dtype=dtype, seed=seed)
+    vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2,
+                        sample_size=512).to(dtype)
+
+    def te(hidden, layers, heads, proj=None, act="quick_gelu"):
+        cfg = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                             bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act=act,
+                             **({"projection_dim": proj} if proj else {}))
+        return (CLIPTextModelWithProjection(cfg) if proj else CLIPTextModel(cfg)).to(dtype)
+
+    if name == "sdxl":
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=te(768, 12, 12), text_encoder_2=te(1280, 32, 20, proj=1280, act="gelu"),
+            tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(pad_token="!"), unet=unet, scheduler=_ddim(),
+        )
+    hidden, layers, heads = (768, 12, 12) if name == "sd15" else (1024, 23, 16)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=te(hidden, layers, heads, act="quick_gelu" if name == "sd15" else "gelu"),
+        tokenizer=clip_tokenizer(), unet=unet, scheduler=_ddim("epsilon" if name == "sd15" else "v_prediction"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
