@@ -26,7 +26,7 @@ from torch import nn
 from . import world
 from .model import WEIGHTS_DIR
 
-SAT_MIN = 0.35
+SAT_MIN = 0.5
 VAL_MIN = 0.25
 MIN_FG_FRACTION = 0.03
 CNN_SIZE = 16
