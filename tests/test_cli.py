@@ -136,3 +136,24 @@ def test_module_entry_point_exit_code_no_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
+
+
+def test_single_file_with_config_through_cli(tiny_sd1_dir, tmp_path, capsys):
+    """A single .safetensors checkpoint (LDM keys) plus --config DIR loads and erases like the folder."""
+    from diffusers import StableDiffusionPipeline
+
+    from pure_fast.edits.single_file import save_single_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1_dir, local_files_only=True, safety_checker=None)
+    ckpt = str(tmp_path / "model.safetensors")
+    save_single_file(pipe, ckpt)
+    out = str(tmp_path / "e.safetensors")
+    rc = main(["erase", "--model", ckpt, "--config", tiny_sd1_dir, "--forget", "Van Gogh", "--retain", "Monet",
+               "--category", "style", "--out", out, "--json", *FAST_ARGS])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["family"] == "sd1" and summary["changed_weights"] > 0
+    # the edit made from the single file applies to the folder model: same weights, same fingerprint
+    from pure_fast.edits.io import load_edit
+
+    load_edit(out).apply(pipe)
