@@ -47,10 +47,10 @@ def run_tiny_demo(args) -> int:
     t0 = time.perf_counter()
     ad = wrap_pipeline(build_tiny_pipeline("sd1"))
     forget, retain = ["Van Gogh"], ["Claude Monet", "Pablo Picasso"]
-    opts = dict(size=32, seeds=(0, 1), steps=10, record_steps=5)
+    opts = dict(size=32, seeds=(0,), steps=6, record_steps=3)
     edit = api.erase(ad, forget, retain, category="style", progress=not args.quiet, **opts)
     f_prompts, r_prompts = api.anchor_sets(forget, retain, "style")
-    effect = edit_effect(ad, edit, f_prompts, r_prompts, opts=CollectOptions(size=32, seeds=(0,), steps=10, record_steps=5))
+    effect = edit_effect(ad, edit, f_prompts, r_prompts, opts=CollectOptions(size=32, seeds=(0,), steps=6, record_steps=3))
     prompts = ["a painting in the style of Van Gogh", "a starry night painted by Van Gogh",
                "a painting in the style of Claude Monet", "a portrait by Pablo Picasso"]
     seeds = [0, 1]
