@@ -25,7 +25,8 @@ def _load(weights_dir: Path) -> dict:
 
 
 def write_card(weights_dir: Path, *, training: dict | None = None, unet_params: int | None = None,
-               accuracy: dict | None = None, detectors: dict | None = None, evaluation: dict | None = None):
+               accuracy: dict | None = None, detectors: dict | None = None, evaluation: dict | None = None,
+               extra: dict | None = None):
     """Merge the given sections into model_card.json and regenerate MODEL_CARD.md."""
     weights_dir = Path(weights_dir)
     card = _load(weights_dir)
@@ -44,6 +45,10 @@ def write_card(weights_dir: Path, *, training: dict | None = None, unet_params: 
         card["concept_accuracy"] = accuracy
     if evaluation is not None:
         card["concept_accuracy_eval"] = evaluation
+    if detectors is None and (weights_dir / "detector.json").exists() and "detectors" not in card:
+        card["detectors"] = json.loads((weights_dir / "detector.json").read_text())
+    if extra:
+        card.update(extra)
     (weights_dir / "model_card.json").write_text(json.dumps(card, indent=1))
     (weights_dir / "MODEL_CARD.md").write_text(_markdown(card))
     return card
@@ -91,6 +96,14 @@ def _markdown(card: dict) -> str:
                     lines.append(f"| {cat} | {c} | {a['accuracy']:.3f} | {a['n']} | {'yes' if a['accuracy'] >= REQUIRED else '**NO**'} |")
         failing = [c for c, a in acc.items() if a["accuracy"] < REQUIRED]
         lines += ["", "Below the requirement: " + (", ".join(f"{c} ({acc[c]['accuracy']:.3f})" for c in failing) if failing else "none") + "."]
+    sweep = card.get("guidance_sweep")
+    if sweep:
+        lines += ["", "## Guidance sweep (1 seed, 20 DDIM steps, all 150 canonical prompts)", "",
+                  "| guidance:steps | shape | colour | background | worst concept |", "|---|---|---|---|---|"]
+        for k, v in sweep.items():
+            lines.append(f"| {k} | {v['shape']} | {v['colour']} | {v['background']} | {v['worst']} |")
+    for note in card.get("notes", []):
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -127,12 +140,18 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dry-run", action="store_true", help="print, do not write the card")
+    p.add_argument("--set-default-guidance", type=float, default=None,
+                   help="store this CFG scale as the model's default_guidance in config.json (and measure with it)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from ..adapters.toy import load_toy
     from .model import WEIGHTS_DIR
 
     wd = Path(args.weights) if args.weights else WEIGHTS_DIR
+    if args.set_default_guidance is not None and not args.dry_run:
+        cfg = json.loads((wd / "config.json").read_text())
+        cfg["default_guidance"] = args.set_default_guidance
+        (wd / "config.json").write_text(json.dumps(cfg, indent=1))
     adapter = load_toy(weights_dir=wd)
     t0 = time.time()
     acc = measure(adapter, seeds=tuple(range(args.seeds)), steps=args.steps, guidance=args.guidance)
