@@ -98,6 +98,14 @@ class Edit:
         """The edited value of weight ``name`` given its current value (float64)."""
         raise NotImplementedError
 
+    def new_weights(self, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The edited values of several weights at once (float64 in, float64 out), name -> tensor.
+
+        ``apply`` calls this once with every target weight; kinds override it to batch equally shaped
+        layers into one product. The default loops over :meth:`new_weight`.
+        """
+        return {name: self.new_weight(name, w) for name, w in current.items()}
+
     def tensors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -168,12 +176,13 @@ class Edit:
         weights = self.validate_against(unet)
         if check and not force:
             self.check_fingerprint(unet, weights)
-        new_values = {}
-        for name in self.target_weights():
-            p = weights[name]
-            new = self.new_weight(name, p.detach().to(torch.float64)).to(p.dtype)
-            from ..ops.finite import finite_stats
+        from ..ops.finite import finite_stats
 
+        names = self.target_weights()
+        computed = self.new_weights({n: weights[n].detach().to(torch.float64) for n in names})
+        new_values = {}
+        for name in names:
+            new = computed[name].to(weights[name].dtype)
             if finite_stats(new)[0]:
                 raise NumericalError(f"applying the edit makes {name} non-finite; the model was not changed")
             new_values[name] = new
