@@ -1,0 +1,239 @@
+"""Batched edit application (pure_fast/ops/apply_edit.py) against per-layer references and independent
+formulas; LowRankEdit.apply through the batched override equals the old per-weight float64 path."""
+import pytest
+import torch
+
+from pure_fast.ops import apply_edit as ae
+from pure_fast.ops import backend
+
+F64 = torch.float64
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _factors(m, n, ranks, dtype, seed=0):
+    g = _gen(seed)
+    ups = [torch.randn(m, r, generator=g, dtype=F64).to(dtype) for r in ranks]
+    downs = [torch.randn(r, n, generator=g, dtype=F64).to(dtype) for r in ranks]
+    return ups, downs
+
+
+def _weights(shapes, dtype, seed=1):
+    g = _gen(seed)
+    return [torch.randn(*s, generator=g, dtype=F64).to(dtype) for s in shapes]
+
+
+def _outer_sum(w, u, d):
+    """Independent formula: W + sum_j u_j d_j^T as explicit rank-one terms in float64."""
+    out = w.to(F64).clone()
+    for j in range(u.shape[1]):
+        out += torch.outer(u[:, j].to(F64), d[j].to(F64))
+    return out
+
+
+# ------------------------------------------------------------------------------ low-rank, per layer
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("m,n,ranks", [
+    (67, 40, [3, 0, 7, 1, 5]),       # awkward shape, ragged ranks with a zero
+    (1, 5, [1, 2]),                  # single row
+    (13, 1, [4, 4, 4]),              # single column, equal ranks (no padding)
+    (40, 67, [0, 0]),                # nothing to add
+])
+def test_lowrank_batched_equals_reference_and_formula(dtype, m, n, ranks):
+    ups, downs = _factors(m, n, ranks, dtype)
+    Ws = _weights([(m, n)] * len(ranks), dtype)
+    got = ae.lowrank_update_batched(Ws, ups, downs)
+    ref = ae.lowrank_update_reference(Ws, ups, downs)
+    assert len(got) == len(Ws)
+    for g_, r_, w, u, d in zip(got, ref, Ws, ups, downs):
+        assert g_.dtype == dtype and g_.shape == (m, n)
+        # the stated tolerance against the per-layer reference (BLAS may sum in another order)
+        assert ((g_ - r_).abs() <= ae.lowrank_tolerance(w, u, d)).all()
+        eps = torch.finfo(dtype).eps
+        bound = 4 * eps * (w.abs().to(F64) + u.abs().to(F64) @ d.abs().to(F64)).max() * max(u.shape[1], 1)
+        assert (g_.to(F64) - _outer_sum(w, u, d)).abs().max() <= bound
+    # inputs untouched
+    assert all(torch.equal(a, b) for a, b in zip(Ws, _weights([(m, n)] * len(ranks), dtype)))
+
+
+def test_lowrank_stack_and_padded_inputs_and_chunks():
+    m, n, ranks = 31, 23, [2, 9, 0, 4, 1, 6, 3]
+    ups, downs = _factors(m, n, ranks, F64, seed=3)
+    W = torch.stack(_weights([(m, n)] * len(ranks), F64, seed=4))
+    ref = ae.lowrank_update_reference(W, ups, downs)
+    assert isinstance(ref, torch.Tensor) and ref.shape == W.shape
+    U, D = ae.pad_factors(ups, downs)
+    assert U.shape == (7, m, 9) and D.shape == (7, 9, n)
+    # zero padding is exact up to summation order: padded factors give the ragged product within tolerance
+    tol = torch.stack([ae.lowrank_tolerance(w, u, d) for w, u, d in zip(W, ups, downs)])
+    assert ((ae.lowrank_update_reference(W, list(U), list(D)) - ref).abs() <= tol).all()
+    assert (U[2] == 0).all() and (D[0, 2:] == 0).all()  # padding is zeros
+    first = ae.lowrank_update_batched(W, ups, downs)
+    for chunk in (1, m * n * 8 * 3, ae.DEFAULT_CHUNK_BYTES):  # one layer per chunk, three, all
+        for got in (ae.lowrank_update_batched(W, ups, downs, max_chunk_bytes=chunk),
+                    ae.lowrank_update_batched(W, U, D, max_chunk_bytes=chunk)):
+            assert ((got - ref).abs() <= tol).all()
+    # deterministic: the same call gives the same bits
+    assert torch.equal(ae.lowrank_update_batched(W, ups, downs), first)
+
+
+def test_lowrank_dispatch_and_forced_reference(monkeypatch):
+    ups, downs = _factors(9, 11, [2, 3], F64)
+    Ws = _weights([(9, 11)] * 2, F64)
+    ref = ae.lowrank_update_reference(Ws, ups, downs)
+    calls = []
+    real = ae.lowrank_update_batched
+    monkeypatch.setattr(ae, "lowrank_update_batched", lambda *a, **k: calls.append(1) or real(*a, **k))
+    close = [((a - b).abs() <= ae.lowrank_tolerance(w, u, d)).all()
+             for a, b, w, u, d in zip(ae.lowrank_update(Ws, ups, downs), ref, Ws, ups, downs)]
+    assert all(close) and calls == [1]
+    with backend.force("torch"):
+        assert all(torch.equal(a, b) for a, b in zip(ae.lowrank_update(Ws, ups, downs), ref))
+    assert calls == [1]  # the forced torch backend used the per-layer reference
+
+
+def test_lowrank_errors():
+    ups, downs = _factors(5, 4, [1, 2], F64)
+    with pytest.raises(ValueError, match="same shape"):
+        ae.lowrank_update_batched(_weights([(5, 4), (5, 5)], F64), ups, downs)
+    with pytest.raises(ValueError, match="2 weights but 1"):
+        ae.lowrank_update_batched(_weights([(5, 4)] * 2, F64), ups[:1], downs[:1])
+    with pytest.raises(ValueError, match="factor pair 1"):
+        ae.pad_factors(ups, [downs[0], torch.zeros(3, 4, dtype=F64)])
+    with pytest.raises(ValueError, match=r"\[6, 4\]"):
+        ae.lowrank_update_batched(_weights([(6, 4)] * 2, F64), ups, downs)
+
+
+# ------------------------------------------------------------------------------ shared right matrices
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_shared_update_equals_reference_and_projector_formula(dtype):
+    n = 37
+    Ws = _weights([(11, n), (64, n), (1, n), (11, n)], dtype, seed=5)  # mixed row counts, one width
+    g = _gen(6)
+    Vf = torch.linalg.qr(torch.randn(n, 4, generator=g, dtype=F64))[0]
+    f = torch.tensor([1.0, 0.8, 0.5, 0.1], dtype=F64)
+    U, V = Vf.to(dtype), (-(Vf * f)).to(dtype)  # W (I - Vf diag(f) Vf^T), CURE-like
+    got = ae.shared_update_batched(Ws, U, V)
+    ref = ae.shared_update_reference(Ws, U, V)
+    P = Vf @ torch.diag(f) @ Vf.T
+    for g_, r_, w in zip(got, ref, Ws):
+        tol = ae.shared_tolerance(w, U, V)
+        assert ((g_ - r_).abs() <= tol).all()
+        dense = w.to(F64) @ (torch.eye(n, dtype=F64) - P)  # independent formula, fp64
+        assert ((g_.to(F64) - dense).abs() <= tol.to(F64) + 4 * torch.finfo(dtype).eps * dense.abs()).all()
+    for chunk in (1, 12 * n * 8):
+        for a, b, w in zip(ae.shared_update_batched(Ws, U, V, max_chunk_bytes=chunk), ref, Ws):
+            assert ((a - b).abs() <= ae.shared_tolerance(w, U, V)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_right_multiply_equals_reference(dtype):
+    Ws = _weights([(7, 29), (40, 29), (7, 29)], dtype, seed=7)
+    A = torch.randn(29, 29, generator=_gen(8), dtype=F64).to(dtype)
+    got = ae.right_multiply_batched(Ws, A)
+    ref = ae.right_multiply_reference(Ws, A)
+    for g_, r_, w in zip(got, ref, Ws):
+        tol = ae.shared_tolerance(w, A=A)
+        assert ((g_ - r_).abs() <= tol).all()
+        assert ((g_.to(F64) - w.to(F64) @ A.to(F64)).abs() <= tol.to(F64)).all()
+    with backend.force("torch"):
+        assert all(torch.equal(a, b) for a, b in zip(ae.right_multiply(Ws, A), ref))
+
+
+def test_shared_errors():
+    Ws = _weights([(3, 5), (3, 6)], F64)
+    with pytest.raises(ValueError, match="input width"):
+        ae.shared_update_batched(Ws, torch.zeros(5, 1, dtype=F64), torch.zeros(5, 1, dtype=F64))
+    with pytest.raises(ValueError, match="must both be"):
+        ae.shared_update_batched(Ws[:1], torch.zeros(5, 1, dtype=F64), torch.zeros(5, 2, dtype=F64))
+    with pytest.raises(ValueError, match="either U and V"):
+        ae.apply_shared({"a": Ws[0]})
+    with pytest.raises(ValueError, match="either U and V"):
+        ae.apply_shared({"a": Ws[0]}, U=torch.zeros(5, 1), V=torch.zeros(5, 1), A=torch.eye(5))
+
+
+# ------------------------------------------------------------------------------ dict helpers
+def test_apply_lowrank_dict_groups_shapes_and_keeps_order():
+    shapes = {"a.to_k": (8, 6), "b.to_k": (12, 6), "c.to_v": (8, 6), "d.to_v": (12, 6), "e.to_k": (8, 6)}
+    current = dict(zip(shapes, _weights(list(shapes.values()), F64, seed=9)))
+    ranks = {"a.to_k": 2, "b.to_k": 0, "c.to_v": 5, "d.to_v": 1}  # e has no factors
+    factors = {}
+    for i, (name, r) in enumerate(ranks.items()):
+        m, n = shapes[name]
+        (u,), (d,) = _factors(m, n, [r], torch.float32, seed=10 + i)  # stored fp32, applied in fp64
+        factors[name] = (u, d)
+    out = ae.apply_lowrank(current, factors)
+    assert list(out) == list(current)
+    assert out["e.to_k"] is current["e.to_k"]
+    for name, (u, d) in factors.items():
+        expected = current[name] + u.to(F64) @ d.to(F64)
+        assert out[name].dtype == F64
+        assert ((out[name] - expected).abs() <= ae.lowrank_tolerance(current[name], u.to(F64), d.to(F64))).all()
+
+
+def test_apply_shared_dense_and_lowrank_dicts():
+    current = dict(zip(["k1", "v1", "k2"], _weights([(10, 16), (10, 16), (20, 16)], F64, seed=11)))
+    A = torch.randn(16, 16, generator=_gen(12), dtype=F64)
+    out = ae.apply_shared(current, A=A)
+    assert list(out) == list(current)
+    assert all(((out[k] - current[k] @ A).abs() <= ae.shared_tolerance(current[k], A=A)).all() for k in current)
+    U, V = torch.randn(16, 3, generator=_gen(13), dtype=F64), torch.randn(16, 3, generator=_gen(14), dtype=F64)
+    out = ae.apply_shared(current, U=U, V=V)
+    assert all(((out[k] - (current[k] + (current[k] @ U) @ V.T)).abs() <= ae.shared_tolerance(current[k], U, V)).all()
+               for k in current)
+
+
+# ------------------------------------------------------------------------------ through Edit.apply
+def test_lowrank_edit_apply_equals_per_weight_path(tiny_sd1):
+    from pure_fast.edits.edit import Edit, LowRankEdit, applied_stack, kv_weights
+
+    unet = tiny_sd1.unet
+    weights = kv_weights(unet)
+    before = {k: v.detach().clone() for k, v in weights.items()}
+    g = _gen(21)
+    factors, shapes = {}, {}
+    for i, (name, w) in enumerate(weights.items()):
+        if i % 5 == 4:
+            continue  # some weights untouched
+        r = [1, 3, 0, 6][i % 4]
+        factors[name] = (0.01 * torch.randn(w.shape[0], r, generator=g), torch.randn(r, w.shape[1], generator=g))
+        shapes[name] = tuple(w.shape)
+    edit = LowRankEdit(method="test", family="sd1", concepts={}, options={}, factors=factors, shapes=shapes)
+    assert len({s for s in shapes.values()}) > 1  # several shape groups
+    current = {n: before[n].to(F64) for n in factors}
+    batched = edit.new_weights(current)
+    per_weight = Edit.new_weights(edit, current)  # the base class: a loop over new_weight
+    for n, (u, d) in factors.items():
+        assert ((batched[n] - per_weight[n]).abs() <= ae.lowrank_tolerance(current[n], u.to(F64), d.to(F64))).all()
+
+    edit.apply(unet, check=False)
+    try:
+        after = kv_weights(unet)
+        differing = 0
+        for name, w0 in before.items():
+            if name in factors:
+                expected = per_weight[name].to(w0.dtype)
+                got = after[name].detach()
+                # after the single rounding: equal, or one storage ulp apart where fp64 sat on a boundary
+                ulp = torch.finfo(w0.dtype).eps * expected.abs().clamp(min=torch.finfo(w0.dtype).tiny)
+                assert ((got - expected).abs() <= ulp).all(), name
+                differing += int((got != expected).sum())
+            else:
+                assert torch.equal(after[name].detach(), w0), name
+    finally:
+        edit.revert(unet)
+    assert differing <= 1e-4 * sum(before[n].numel() for n in factors)
+    assert applied_stack(unet) == []
+    assert all(torch.equal(kv_weights(unet)[k].detach(), v) for k, v in before.items())
+
+
+@pytest.mark.gpu
+def test_batched_on_cuda_within_stated_tolerance():
+    m, n, ranks = 1280, 2048, [4, 17, 0, 9]
+    ups, downs = _factors(m, n, ranks, F64)
+    Ws = _weights([(m, n)] * len(ranks), F64)
+    got = ae.lowrank_update_batched([w.cuda() for w in Ws], [u.cuda() for u in ups], [d.cuda() for d in downs])
+    for g_, w, u, d in zip(got, Ws, ups, downs):
+        assert ((g_.cpu() - (w + u @ d)).abs() <= ae.lowrank_tolerance(w, u, d)).all()
