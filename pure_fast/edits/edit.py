@@ -275,7 +275,9 @@ class LowRankEdit(Edit):
     def new_weights(self, current):
         """All weights at once: equally shaped ones in one batched product (``ops.apply_edit``).
 
-        Equal to the per-weight :meth:`new_weight` (bit-identical on CPU; tested in tests/test_apply_edit.py).
+        Equal to the per-weight :meth:`new_weight` within ``ops.apply_edit.lowrank_tolerance`` (a few float64
+        ulps: BLAS may sum a batched product in another order; after rounding to the storage dtype at most
+        one ulp where the value sits on a rounding boundary). Tested in tests/test_apply_edit.py.
         """
         from ..ops.apply_edit import apply_lowrank
 
