@@ -56,10 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any method option")
     _add_common(p)
 
-    p = sub.add_parser("apply", help="write a model with edits applied")
+    p = sub.add_parser("apply", help="write a model with edits applied (a new folder / file, or in place)")
     _add_model(p, required=True)
     p.add_argument("--edit", action="append", required=True, metavar="EDIT", help="edit file (repeatable: a stack)")
-    p.add_argument("--out", required=True, metavar="DIR", help="new diffusers folder")
+    p.add_argument("--out", default=None, metavar="DIR|FILE",
+                   help="new folder (--format folder) or .safetensors file (--format single-file)")
+    p.add_argument("--format", default="folder", choices=("folder", "single-file"),
+                   help="folder: a copy of the model folder; single-file: one LDM/SGM checkpoint")
+    p.add_argument("--in-place", action="store_true",
+                   help="rewrite the UNet weights of the --model folder itself (a revert file is written first)")
+    p.add_argument("--revert-file", default=None, metavar="FILE",
+                   help="with --in-place: where to write the revert file (default: beside the weight file)")
     p.add_argument("--force", action="store_true", help="apply even if the edit was made for other weights")
     _add_common(p)
 
@@ -158,31 +165,76 @@ def _load_edits(paths):
 
 
 def cmd_apply(args) -> int:
-    from .adapters import load_model
-    from .edits.checkpoint import check_new_output, write_edited_folder
+    """Bake a stack of edits into a model: a new folder, one single-file checkpoint, or --in-place."""
+    from .edits.checkpoint import (_inside, apply_in_place, check_new_output, load_model_any, model_folder,
+                                   write_edited_folder, write_single_file)
     from .edits.edit import kv_weights, revert_all
 
-    edits = _load_edits(args.edit)
-    check_new_output(args.out)
-    model = load_model(args.model, config=args.config, device=args.device, dtype=args.dtype)
-    for e in edits:
-        e.apply(model, force=args.force)
-    weights = kv_weights(model.unet)
-    changed = sorted({n for e in edits for n in e.target_weights()})
-    if os.path.isdir(args.model):
-        new = {n: weights[n].detach().cpu() for n in changed}
-        out = write_edited_folder(args.model, args.out, new)
+    folder = model_folder(args.model)
+    if args.in_place:
+        if args.out:
+            raise UsageError("--in-place rewrites the --model folder; do not also pass --out")
+        if args.format != "folder":
+            raise UsageError("--in-place rewrites the model's own weight files; for --format single-file pass --out FILE")
+        if args.model in (None, "toy"):
+            raise UsageError("--in-place on the shipped toy model is refused (package data); write a copy with --out DIR")
+        if folder is None:
+            raise UsageError(f"--in-place needs a model folder (diffusers or toy weights); {args.model} is a single file")
     else:
-        from .fileio import atomic_dir
+        if args.revert_file:
+            raise UsageError("--revert-file only goes with --in-place")
+        if not args.out:
+            raise UsageError("pass --out (a new folder, or a .safetensors file with --format single-file), "
+                             "or --in-place to rewrite the --model folder")
+        out = check_new_output(args.out)
+        if folder is not None and _inside(out, folder):
+            raise UsageError("--out must not be inside the input model folder (use --in-place to edit it)")
+        if args.format == "single-file":
+            from .edits.checkpoint import is_toy_folder
 
-        out = os.path.abspath(args.out)
-        if os.path.exists(out):
-            os.rmdir(out)
-        with atomic_dir(out) as tmp:
-            model.pipe.save_pretrained(tmp, safe_serialization=True)
-    revert_all(model)
-    summary = {"out": out, "edits": [e.edit_id for e in edits], "changed_weights": len(changed)}
-    _emit(args, summary, f"wrote {out} with {len(edits)} edit(s) applied ({len(changed)} weights changed)")
+            if args.model in (None, "toy") or is_toy_folder(args.model):
+                raise UsageError("the toy model has no single-file (LDM) layout; use --format folder")
+            if os.path.exists(out):
+                raise UsageError(f"--out {args.out} already exists; choose a new file")
+            if not out.endswith(".safetensors"):
+                raise UsageError(f"--out {args.out} must end in .safetensors for --format single-file")
+            if not os.path.isdir(os.path.dirname(out)):
+                raise UsageError(f"the folder of --out {args.out} does not exist")
+    edits = _load_edits(args.edit)
+    patches = [e for e in edits if not e.target_weights()]
+    if patches:
+        raise UsageError(f"edit {args.edit[edits.index(patches[0])]} ({patches[0].method}) changes no weights (an "
+                         "activation patch); it cannot be baked into a checkpoint: use it with pure-fast generate --edit")
+    model = load_model_any(args.model, config=args.config, device=args.device, dtype=args.dtype)
+    try:
+        for e in edits:
+            e.apply(model, force=args.force)
+        weights = kv_weights(model.unet)
+        changed = sorted({n for e in edits for n in e.target_weights()})
+        new = {n: weights[n].detach().cpu().clone() for n in changed}
+        extra = {}
+        if args.in_place:
+            rep = apply_in_place(folder, new, edits, revert_file=args.revert_file)
+            out, extra = rep["model"], {"revert_file": rep["revert_file"]}
+        elif args.format == "single-file":
+            out = write_single_file(model, out, metadata={"pure_fast.edits": [e.edit_id for e in edits]})
+        elif folder is not None:
+            out = write_edited_folder(folder, out, new)
+        else:
+            from .fileio import atomic_dir
+
+            if os.path.exists(out):
+                os.rmdir(out)
+            with atomic_dir(out) as tmp:
+                model.pipe.save_pretrained(tmp, safe_serialization=True)
+    finally:
+        revert_all(model)
+    summary = {"out": out, "format": "in-place" if args.in_place else args.format,
+               "edits": [e.edit_id for e in edits], "changed_weights": len(changed), **extra}
+    text = f"wrote {out} with {len(edits)} edit(s) applied ({len(changed)} weights changed)"
+    if extra:
+        text += f"; revert with: pure-fast revert --model {out} --revert-file {extra['revert_file']}"
+    _emit(args, summary, text)
     return 0
 
 

@@ -3,8 +3,13 @@
 LoRA convention (both forms): per changed weight ``W`` [d_out, d_in] with change ``ΔW``,
 ``up`` [d_out, r] and ``down`` [r, d_in] with ``(alpha / r) · up @ down = ΔW``.
 
-- ``LowRankEdit``: its own factors, exactly (``alpha = r``).
-- any other edit: ``ΔW = edit.delta(name, W_base)`` in float64, truncated SVD at the caller's ``rank``:
+- ``LowRankEdit`` (PURE): its own factors, exactly (``alpha = r``); no model needed.
+- ``SharedRightEdit`` (UCE, CURE: ``W ← W (I + U Vᵀ)``): ``ΔW = (W U) Vᵀ`` is exactly rank r *given the
+  base weights*, so ``up = W U``, ``down = Vᵀ`` (the model is needed, nothing is truncated). A dense
+  right matrix (stored when ``2r ≥ d_in``) is treated as full rank.
+- ``PatchEdit`` (ActErase): changes no weight; refused in one line.
+- any other edit (SPACE's sparse replacement weights, ...): ``ΔW = edit.delta(name, W_base)`` in float64,
+  truncated SVD at the caller's ``rank``:
   ``up = U_k · S_k``, ``down = Vh_k``, ``alpha = k``; the relative Frobenius error
   ``sqrt(Σ_dropped σ²) / ‖ΔW‖_F`` is reported per weight and overall. Singular values below float64
   round-off (``σ ≤ σ_max · max(d) · eps``) are dropped too: they carry nothing.
@@ -106,35 +111,89 @@ def _lowrank_truncate(up: torch.Tensor, down: torch.Tensor, rank: int):
     return (Qu @ u[:, :k]) * s[:k], vh[:k] @ Qd.T, dropped, total
 
 
-def lora_factors(edit: Edit, unet_or_pipe, rank: int | None = None, *, force: bool = False,
+# ---- exact low-rank factorisations per edit kind --------------------------------------------------------------
+# kind -> (needs the base weights, fn(edit, name, base_W float64 or None) -> (up, down) float64 with up·down = ΔW)
+EXACT_FACTORS: dict[str, tuple[bool, Any]] = {}
+
+
+def register_exact(kind: str, needs_base: bool):
+    """Declare that edits of ``kind`` have an exact low-rank ΔW (a LoRA without truncation)."""
+
+    def deco(fn):
+        EXACT_FACTORS[kind] = (needs_base, fn)
+        return fn
+
+    return deco
+
+
+@register_exact("lowrank", needs_base=False)
+def _lowrank_exact(edit, name, base):
+    return edit.factors[name]
+
+
+@register_exact("shared_right", needs_base=True)
+def _shared_right_exact(edit, name, base):
+    # ΔW = W (A − I) = (W U) Vᵀ: rank r given the base weights, no truncation
+    return edit.layer_factors({name: base})[name]
+
+
+def _exact_entry(edit: Edit):
+    from .io import _register_all
+
+    _register_all()  # kinds register their exact forms on import
+    if edit.kind == "shared_right" and getattr(edit, "A", None) is not None:
+        return None  # a dense right matrix: ΔW = W (A − I) has full rank, so --rank truncates it
+    entry = EXACT_FACTORS.get(edit.kind)
+    if entry is None and callable(getattr(edit, "lowrank_delta", None)):
+        entry = (True, lambda e, n, w: e.lowrank_delta(n, w))
+    return entry
+
+
+def is_activation_patch(edit: Edit) -> bool:
+    return not list(edit.target_weights())
+
+
+def refuse_patch(edit: Edit, what: str = "a LoRA") -> None:
+    if is_activation_patch(edit):
+        raise UsageError(f"edit {edit.edit_id} ({edit.method}, kind {edit.kind}) changes no weights (an activation "
+                         f"patch applied at inference); it cannot be written as {what}")
+
+
+def lora_factors(edit: Edit, unet_or_pipe=None, rank: int | None = None, *, force: bool = False,
                  device: str | torch.device | None = None) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
     """Per target weight ``(up, down)`` in float64 with ``up @ down ≈ ΔW``, and the truncation report.
 
-    ``rank``: required unless the edit is a ``LowRankEdit`` (whose factors are used exactly unless their
-    rank exceeds ``rank``). ``device``: where the SVDs run (default: the weights' device).
+    Kinds with an exact low-rank ΔW (``EXACT_FACTORS``: LowRankEdit's own factors; a shared right matrix
+    ``A = I + U Vᵀ`` gives ``ΔW = (W U) Vᵀ``) are written exactly unless their rank exceeds ``rank``;
+    the others (SPACE's sparse replacement weights, ...) need ``rank`` (truncated SVD of the dense ΔW).
+    ``unet_or_pipe`` may be None only for kinds that need no base weights. ``device``: where the SVDs run.
     """
-    unet = resolve_unet(unet_or_pipe)
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
+    unet = resolve_unet(unet_or_pipe) if unet_or_pipe is not None else None
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise UsageError(f"--rank must be a positive integer, got {rank!r}")
+    refuse_patch(edit)
     names = list(edit.target_weights())
-    if not names:
-        raise UsageError(f"edit {edit.edit_id} ({edit.method}) changes no weights (an activation patch?); "
-                         "it cannot be written as a LoRA")
-    exact = isinstance(edit, LowRankEdit)
+    entry = _exact_entry(edit)
+    exact = entry is not None
     if not exact and rank is None:
         raise UsageError(f"a {edit.kind} edit ({edit.method}) is not low rank by construction: pass --rank "
-                         "for a truncated-SVD LoRA (the error is reported)")
-    if exact:
+                         "for a truncated-SVD LoRA (the relative error is reported)")
+    needs_base = not exact or entry[0]
+    if needs_base and unet is None:
+        raise UsageError(f"a {edit.kind} edit ({edit.method}) changes the weights as a function of the model's own "
+                         "weights: pass --model (the model the edit was made for) to export it")
+    base = base_weights(edit, unet, force=force) if needs_base else None
+    if not needs_base and unet is not None:
         edit.validate_against(unet)
-        base = None
-    else:
-        base = base_weights(edit, unet, force=force)
     factors, per_weight, skipped = {}, {}, []
     dropped_all = total_all = 0.0
     for name in names:
+        w = None
+        if base is not None:
+            w = base[name].to(device) if device is not None else base[name]
         if exact:
-            up, down = edit.factors[name]
-            dev = device or up.device
+            up, down = entry[1](edit, name, w)
+            dev = device or (w.device if w is not None else up.device)
             up, down = up.to(dev, torch.float64), down.to(dev, torch.float64)
             if rank is not None and up.shape[1] > rank:
                 up, down, dropped, total = _lowrank_truncate(up, down, rank)
@@ -142,7 +201,6 @@ def lora_factors(edit: Edit, unet_or_pipe, rank: int | None = None, *, force: bo
                 # ‖up·down‖²_F = Σ (upᵀup) ∘ (down·downᵀ): no d_out × d_in matrix
                 dropped, total = 0.0, float(((up.T @ up) * (down @ down.T)).sum())
         else:
-            w = base[name].to(device) if device is not None else base[name]
             delta = edit.delta(name, w).to(torch.float64)
             up, down, dropped, total = _truncate(delta, rank)
         dropped_all += dropped
@@ -154,6 +212,7 @@ def lora_factors(edit: Edit, unet_or_pipe, rank: int | None = None, *, force: bo
         factors[name] = (up, down)
     report = {
         "exact": exact and all(v["rel_error"] == 0.0 for v in per_weight.values()),
+        "kind": edit.kind,
         "requested_rank": rank,
         "weights": per_weight,
         "rel_error": (dropped_all / total_all) ** 0.5 if total_all > 0 else 0.0,
@@ -177,6 +236,8 @@ def _peft_metadata(ranks: dict[str, int]) -> dict[str, Any]:
 
 def _kohya_name(module: str, unet, names: str) -> str:
     if names == "ldm":
+        if unet is None:
+            raise UsageError("kohya LDM module names need the model's UNet config: pass --model")
         from .single_file import ldm_unet_key
 
         module = ldm_unet_key(module + ".weight", unet.config)[: -len(".weight")]
@@ -202,7 +263,9 @@ def export_lora(edit: Edit, unet_or_pipe, path: str, format: str = "diffusers", 
     if kohya_names not in ("diffusers", "ldm"):
         raise UsageError(f"kohya_names must be 'diffusers' or 'ldm', got {kohya_names!r}")
     dt = _dtype(dtype)
-    unet = resolve_unet(unet_or_pipe)
+    unet = resolve_unet(unet_or_pipe) if unet_or_pipe is not None else None
+    if kohya_names == "ldm" and format == "kohya" and unet is None:
+        raise UsageError("kohya LDM module names need the model's UNet config: pass --model")
     factors, report = lora_factors(edit, unet, rank, force=force, device=device)
     if not factors:
         raise UsageError(f"edit {edit.edit_id} changes nothing (every ΔW is zero); no LoRA written")
@@ -254,16 +317,18 @@ def export_unet_state_dict(edit: Edit, unet_or_pipe, path: str, *, dtype=None, f
     (``down_blocks.0...attn2.to_k.weight``): ``unet.load_state_dict(load_file(path), strict=False)``
     gives the edited model. Values are computed in float64 from the pre-edit weights and rounded once to
     the model's dtype (or ``dtype``), exactly as ``edit.apply`` writes them. Returns a small report."""
+    refuse_patch(edit, "UNet tensors")
+    if unet_or_pipe is None:
+        raise UsageError("an edited UNet state dict holds full weights: pass --model (the model the edit was made for)")
     unet = resolve_unet(unet_or_pipe)
     base = base_weights(edit, unet, force=force)
     params = edit.validate_against(unet)
     names = list(edit.target_weights())
-    if not names:
-        raise UsageError(f"edit {edit.edit_id} ({edit.method}) changes no weights; nothing to export")
     dt = _dtype(dtype) if dtype is not None else None
     tensors = {}
+    computed = edit.new_weights({n: base[n] for n in names})
     for name in names:
-        new = edit.new_weight(name, base[name])
+        new = computed[name]
         tensors[name] = new.to("cpu", dt or params[name].dtype).contiguous()
     meta = {"format": "pt", "pure_fast.edit": json.dumps({"method": edit.method, "family": edit.family,
                                                           "edit_id": edit.edit_id, "kind": edit.kind}, sort_keys=True)}
