@@ -3,6 +3,13 @@
 One call handles every layer of a shape group (``[L, n, d]`` rows or ``[L, d, d]`` Gram matrices):
 - rows with n < d: eigen-decomposition of the small Gram ``H H^T`` ([L, n, n]), V = H^T U / sigma;
 - rows with n >= d, or a streamed Gram ``H^T H``: eigen-decomposition of the d x d Gram.
+- ``method="randomized"`` (rows or Gram): a batched randomized range finder (Halko, Martinsson & Tropp
+  2011, Alg. 4.4 with QR-stabilised power iterations): ``Y = H Omega`` for a Gaussian ``Omega [L, d, k]``,
+  ``q`` power iterations, ``B = Q^T H`` and the SVD of the small ``[L, k, d]`` B. The cumulative-variance
+  rank is taken against the *exact* total energy ``||H||_F^2`` (or ``trace G``), so a sketch that is too
+  small is detected (its captured energy stays under the threshold) and the sketch doubles until it holds
+  the threshold's share, falling back to the exact route once k reaches min(n, d). Worth it when both n
+  and d are large and the kept rank is small; the exact routes stay the default (PURE's shapes are cheap).
 Per-layer ranks from a cumulative-variance threshold are applied with masks (columns past the rank are
 zero), so no Python loop runs over layers. Work is done in float64 for stability.
 
@@ -36,14 +43,25 @@ def subspace_basis(
     is_gram: bool = False,
     max_rank: int | None = None,
     rel_floor: float = 1e-10,
+    method: str = "exact",
+    **randomized_options,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top right-singular vectors up to a cumulative-variance threshold, for every layer at once.
 
     data: [L, n, d] rows (or [L, d, d] Gram when ``is_gram``). Returns (V [L, d, k] with zero columns past
     each layer's rank, ranks [L] int64, energies [L, k] descending sigma^2). k = max rank over layers.
+    ``method``: "exact" (small Gram / SVD / eigh, chosen by shape) or "randomized" (see
+    :func:`randomized_basis`, which takes ``randomized_options``).
     """
     if data.dim() != 3:
         raise ValueError(f"expected a [L, n, d] stack, got shape {tuple(data.shape)}")
+    if method == "randomized":
+        return randomized_basis(data, threshold, is_gram=is_gram, max_rank=max_rank, rel_floor=rel_floor,
+                                **randomized_options)
+    if method != "exact":
+        raise ValueError(f"method={method!r}; use 'exact' or 'randomized'")
+    if randomized_options:
+        raise TypeError(f"unexpected options {sorted(randomized_options)} for method='exact'")
     x = data.to(torch.float64)
     L = x.shape[0]
     if is_gram:
@@ -79,6 +97,78 @@ def subspace_basis(
         sign = torch.where(sign == 0, torch.ones_like(sign), sign)
         V = Q * sign[:, None, :] * mask[:, None, :]
     return V, ranks, s2[:, :k] * mask
+
+
+def _masked_output(V, s2, ranks):
+    k = int(ranks.max()) if ranks.numel() else 0
+    mask = torch.arange(k, device=V.device)[None, :] < ranks[:, None]
+    return V[:, :, :k] * mask[:, None, :], ranks, s2[:, :k] * mask
+
+
+def randomized_basis(
+    data: torch.Tensor,
+    threshold: float,
+    *,
+    is_gram: bool = False,
+    max_rank: int | None = None,
+    rel_floor: float = 1e-10,
+    sketch: int | None = None,
+    oversample: int = 10,
+    power_iters: int = 2,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched randomized SVD; same outputs and rank rule as :func:`subspace_basis` (exact total energy).
+
+    ``sketch``: initial sketch width (default ``max_rank + oversample``, else ``16 + oversample``); it
+    doubles while some layer's sketch captures less than ``threshold`` of that layer's energy. The Gaussian
+    test matrix comes from a CPU generator seeded with ``seed`` (same basis on any device for a given seed).
+    """
+    if data.dim() != 3:
+        raise ValueError(f"expected a [L, n, d] stack, got shape {tuple(data.shape)}")
+    x = data.to(torch.float64)
+    L, n, d = x.shape
+    full = d if is_gram else min(n, d)
+    if full == 0 or L == 0:
+        return subspace_basis(data, threshold, is_gram=is_gram, max_rank=max_rank, rel_floor=rel_floor)
+    if is_gram:
+        x = 0.5 * (x + x.transpose(1, 2))
+        total = torch.diagonal(x, dim1=1, dim2=2).sum(-1).clamp(min=0)
+    else:
+        total = (x * x).sum((1, 2))
+    k = sketch or ((max_rank or 16) + oversample)
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    while True:
+        if k >= full:  # the sketch would be as large as the problem: exact is cheaper and exact
+            return subspace_basis(data, threshold, is_gram=is_gram, max_rank=max_rank, rel_floor=rel_floor)
+        omega = torch.randn(L, d, k, generator=g, dtype=torch.float64).to(x.device)
+        xt = x if is_gram else x.transpose(1, 2)
+        Q = torch.linalg.qr(x @ omega)[0]  # [L, n, k] (Gram: [L, d, k])
+        for _ in range(power_iters):
+            Z = torch.linalg.qr(xt @ Q)[0]
+            Q = torch.linalg.qr(x @ Z)[0]
+        if is_gram:
+            evals, evecs = torch.linalg.eigh(Q.transpose(1, 2) @ x @ Q)
+            s2 = evals.flip(-1).clamp(min=0)
+            V = Q @ evecs.flip(-1)
+        else:
+            _, S, Vh = torch.linalg.svd(Q.transpose(1, 2) @ x, full_matrices=False)  # B = Q^T H: [L, k, d]
+            s2 = S**2
+            V = Vh.transpose(1, 2)
+        captured = s2.sum(-1)
+        enough = captured >= (threshold - 1e-12) * total
+        if max_rank is not None and max_rank <= k - oversample:
+            enough = torch.ones_like(enough)  # the cap is inside the sketch: the rank is at most max_rank
+        if bool(enough.all()):
+            break
+        k *= 2
+    # cumulative share against the exact total energy (not the sketch's): same rule as the exact routes
+    share = s2.cumsum(-1) / total[:, None].clamp(min=torch.finfo(s2.dtype).tiny)
+    r = (share < threshold - 1e-12).sum(-1) + 1
+    r = torch.minimum(r, (s2 > rel_floor * s2[:, :1]).sum(-1))
+    if max_rank is not None:
+        r = r.clamp(max=max_rank)
+    r = torch.where(total > 0, r, torch.zeros_like(r)).clamp(max=s2.shape[1])
+    return _masked_output(V, s2, r)
 
 
 def subspace_basis_loop(data: torch.Tensor, threshold: float, *, is_gram: bool = False,
