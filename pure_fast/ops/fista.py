@@ -127,6 +127,12 @@ def fista_step(
             raise ValueError(f"fista_step: {name} has {t.numel()} elements but Y has {Y.numel()}")
     if not tau >= 0 or not math.isfinite(tau):
         raise ValueError(f"fista_step: tau must be finite and >= 0, got {tau}")
+    # overlap rules hold on both paths (the reference's copy_ into a partially overlapping W_out / Y_out
+    # would silently corrupt the returned W)
+    if W_out is not None:
+        _check_out(W_out, "W_out", inputs, {"Y_out": Y_out} if Y_out is not None else {})
+    if Y_out is not None:
+        _check_out(Y_out, "Y_out", inputs, {})
     ts = [Y, YM, N, W_prev] + [t for t in (W_out, Y_out) if t is not None]
     if not (_native_ok(ts) and backend.choose(Y.device.type, native=True) == "native"):
         return fista_step_reference(Y, YM, N, W_prev, step, tau, beta, W_out=W_out, Y_out=Y_out)
