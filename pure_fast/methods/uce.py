@@ -1,0 +1,215 @@
+"""UCE: unified concept editing, the closed form with ridge, as one shared right matrix (DESIGN.md "UCE").
+
+For every edited weight (``to_k`` and ``to_v`` of every ``attn2``), UCE solves::
+
+    min_W  s_e Σ_e ||W c_e - W0 c_g||² + s_p Σ_p ||W c_p - W0 c_p||² + λ ||W - W0||²_F
+    W = (λ W0 + s_e Σ W0 c_g c_eᵀ + s_p Σ W0 c_p c_pᵀ)(λ I + s_e Σ c_e c_eᵀ + s_p Σ c_p c_pᵀ)⁻¹
+      = W0 B M⁻¹ = W0 A
+
+``M`` (the right matrix) and ``B`` (the left matrix without W0) live in text space (``d_in x d_in``) and do
+not depend on the layer, so ONE float64 Cholesky factorisation serves all layers (the official code inverts
+once per matrix: 32 times on SD1.5, 140 on SDXL). Moreover ``B - M = s_e Σ (c_g - c_e) c_eᵀ``, hence::
+
+    A - I = s_e (C_g - C_e) C_eᵀ M⁻¹ = U Vᵀ,   U = s_e (C_g - C_e),  V = M⁻¹ C_e   ([d_in, r])
+
+with r = number of erase tokens. Storing ``(U, V)`` is exact (no truncation; the rank is algebraic), the edit
+is a :class:`~pure_fast.edits.shared.SharedRightEdit` applied as ``W + (W U) Vᵀ`` in one batched product per
+shape group. (When ``2 r >= d_in`` the dense A is stored instead.)
+
+Choices (options, all recorded in ``edit.options``):
+
+- ``lam`` = 0.5 (UCE's default), must be > 0 (it makes M positive definite for any token set);
+- ``erase_scale`` = 1.0; ``preserve_scale`` = None means ``max(0.1, 1 / number of retain concepts)`` (what
+  UCE's public ``train_erase.py`` does when no preserve scale is given);
+- ``guide`` = ``''``: every forget concept is mapped to the empty prompt, whose "subject" token is the BOS
+  token (``collect/text.py``); a string applies to every concept, a list gives one guide per forget concept
+  (same order), a dict maps concept -> guide (missing concepts get ``''``). UCE's artist setting uses
+  ``guide='art'``;
+- ``token_mode`` = ``last_subject`` (CLIP: index ``mask.sum() - 2``); ``subject_to_eos`` / ``subject_to_end``
+  also edit the later tokens (see ``collect/text.py`` for how erase and guide tokens pair up);
+- ``prompts`` = ``concepts``: the concept names themselves are encoded (as UCE does); ``anchors`` uses the
+  category templates (``--category``), each erase anchor paired with the same template around the guide;
+- preserved tokens are the retain concepts' tokens selected the same way (``token_mode``); the guide
+  concepts are not preserved unless listed in ``retain``;
+- ``edit_keys`` / ``edit_values`` (both on, UCE's ``with_to_k=True``).
+
+Several forget concepts are erased in one solve (their tokens are stacked in C_e).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ..collect.text import (
+    Phrase,
+    check_prompt_mode,
+    check_token_mode,
+    encode_phrases,
+    paired_tokens,
+    phrases_for,
+    select_tokens,
+)
+from ..edits.shared import SharedRightEdit
+from ..errors import UsageError
+
+
+def _positive(name, v, allow_zero=False):
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v != float("inf")
+    if not ok or (v < 0 if allow_zero else v <= 0):
+        rng = "a finite number >= 0" if allow_zero else "a finite number > 0"
+        raise UsageError(f"{name}={v!r} is out of range; use {rng}")
+
+
+@dataclass
+class UCEOptions:
+    lam: float = 0.5
+    erase_scale: float = 1.0
+    preserve_scale: float | None = None
+    guide: Any = ""  # str | list[str] | dict[str, str]
+    token_mode: str = "last_subject"
+    prompts: str = "concepts"
+    edit_keys: bool = True
+    edit_values: bool = True
+
+    def validate(self) -> None:
+        _positive("lam", self.lam)
+        _positive("erase_scale", self.erase_scale)
+        if self.preserve_scale is not None:
+            _positive("preserve_scale", self.preserve_scale, allow_zero=True)
+        check_guide(self.guide)
+        check_token_mode(self.token_mode)
+        check_prompt_mode(self.prompts)
+        if not (self.edit_keys or self.edit_values):
+            raise UsageError("edit_keys and edit_values are both off; nothing would change")
+
+
+OPTIONS = UCEOptions
+
+
+def check_guide(guide) -> None:
+    if isinstance(guide, str):
+        return
+    if isinstance(guide, (list, tuple)) and all(isinstance(g, str) for g in guide):
+        return
+    if isinstance(guide, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in guide.items()):
+        return
+    raise UsageError(f"guide={guide!r} is not valid; use a string, a list of strings (one per forget concept) "
+                     "or a JSON object concept -> guide")
+
+
+def resolve_guides(guide, forget: list[str]) -> list[str]:
+    """One guide string per forget concept."""
+    check_guide(guide)
+    if isinstance(guide, str):
+        return [guide] * len(forget)
+    if isinstance(guide, (list, tuple)):
+        if len(guide) != len(forget):
+            raise UsageError(f"guide lists {len(guide)} guides for {len(forget)} forget concepts; give one per concept")
+        return list(guide)
+    unknown = set(guide) - set(forget)
+    if unknown:
+        raise UsageError(f"guide names concept(s) that are not forgotten: {', '.join(sorted(unknown))}")
+    return [guide.get(c, "") for c in forget]
+
+
+def preserve_scale_of(opts, retain: list[str]) -> float:
+    if opts.preserve_scale is not None:
+        return float(opts.preserve_scale)
+    return max(0.1, 1.0 / len(retain)) if retain else 0.0
+
+
+@dataclass
+class TextTokens:
+    """Selected token embeddings (rows, float64): erase ``C_e``, paired guide ``C_g``, preserve ``C_p``."""
+
+    C_e: torch.Tensor
+    C_g: torch.Tensor
+    C_p: torch.Tensor
+
+
+def uce_tokens(adapter, forget, retain, f_prompts, r_prompts, opts) -> TextTokens:
+    """Encode erase / guide / preserve phrases and select their tokens (``collect/text.py``)."""
+    erase, guide = [], []
+    for c, g in zip(forget, resolve_guides(opts.guide, list(forget))):
+        ps = phrases_for([c], {c: (f_prompts or {}).get(c) or [c]}, opts.prompts)
+        erase += ps
+        guide += [p.with_subject(g) for p in ps]
+    enc_e = encode_phrases(adapter, erase)
+    enc_g = encode_phrases(adapter, guide)
+    C_e, C_g = paired_tokens(enc_e, enc_g, opts.token_mode)
+    if retain:
+        enc_p = encode_phrases(adapter, phrases_for(retain, r_prompts, opts.prompts))
+        C_p = select_tokens(enc_p, opts.token_mode)
+    else:
+        C_p = C_e.new_zeros(0, C_e.shape[1])
+    return TextTokens(C_e.cpu(), C_g.cpu(), C_p.cpu())
+
+
+def uce_matrices(tok: TextTokens, lam: float, s_e: float, s_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M, B)`` in float64: ``M = λI + s_e C_eᵀC_e + s_p C_pᵀC_p``, ``B = λI + s_e C_gᵀC_e + s_p C_pᵀC_p``
+    (rows of C are tokens, so Σ c cᵀ = Cᵀ C)."""
+    d = tok.C_e.shape[1]
+    eye = torch.eye(d, dtype=torch.float64)
+    P = s_p * tok.C_p.T @ tok.C_p if tok.C_p.shape[0] else torch.zeros(d, d, dtype=torch.float64)
+    M = lam * eye + s_e * tok.C_e.T @ tok.C_e + P
+    B = lam * eye + s_e * tok.C_g.T @ tok.C_e + P
+    return 0.5 * (M + M.T), B
+
+
+def uce_factors(tok: TextTokens, lam: float, s_e: float, s_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, V)`` with ``A = B M⁻¹ = I + U Vᵀ`` (float64): ``U = s_e (C_g - C_e)ᵀ``, ``V = M⁻¹ C_eᵀ``.
+
+    One Cholesky factorisation of M (symmetric positive definite since λ > 0)."""
+    M, _ = uce_matrices(tok, lam, s_e, s_p)
+    L = torch.linalg.cholesky(M)
+    V = torch.cholesky_solve(tok.C_e.T.contiguous(), L)  # [d, r]
+    U = s_e * (tok.C_g - tok.C_e).T.contiguous()  # [d, r]
+    return U, V
+
+
+def target_names(adapter, edit_keys=True, edit_values=True) -> dict[str, tuple[int, int]]:
+    """Weight name -> shape of every edited to_k / to_v weight, in the adapter's layer order."""
+    out = {}
+    for layer in adapter.cross_attention_layers():
+        if edit_keys:
+            out[layer.key_weight] = (layer.d_out, layer.d_in)
+        if edit_values:
+            out[layer.value_weight] = (layer.d_out, layer.d_in)
+    return out
+
+
+def options_meta(opts) -> dict:
+    m = asdict(opts)
+    if isinstance(m.get("guide"), tuple):
+        m["guide"] = list(m["guide"])
+    return m
+
+
+def make_edit(adapter, forget, retain, f_prompts, r_prompts, options=None, progress=True) -> SharedRightEdit:
+    opts = options or UCEOptions()
+    opts.validate()
+    forget, retain = list(forget), list(retain)
+    resolve_guides(opts.guide, forget)  # errors before any work
+    timings = {}
+    t0 = time.perf_counter()
+    tok = uce_tokens(adapter, forget, retain, f_prompts, r_prompts, opts)
+    timings["tokens_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    s_p = preserve_scale_of(opts, retain)
+    U, V = uce_factors(tok, float(opts.lam), float(opts.erase_scale), s_p)
+    timings["solve_s"] = time.perf_counter() - t0
+    meta = options_meta(opts)
+    meta["preserve_scale_used"] = s_p
+    stats = {"timings": timings, "erase_tokens": int(tok.C_e.shape[0]), "preserve_tokens": int(tok.C_p.shape[0]),
+             "rank": int(U.shape[1])}
+    return SharedRightEdit(
+        method="uce", family=adapter.family, concepts={"forget": forget, "retain": retain},
+        options=meta, stats=stats, shapes=target_names(adapter, opts.edit_keys, opts.edit_values),
+        **SharedRightEdit.pack(U, V),
+    )
+
+
+__all__ = ["OPTIONS", "UCEOptions", "make_edit", "uce_factors", "uce_matrices", "uce_tokens", "Phrase"]
