@@ -12,9 +12,9 @@ factors ``A = I + U V^T`` (``U``, ``V``: ``[d_in, r]``), which is *exact* (no tr
 algebraic rank of the update). When ``r`` would not save space (``2 r >= d_in``) the dense ``A`` is stored
 instead (``A`` tensor, ``U``/``V`` absent). The factors are tiny (SDXL, 10 tokens: 2 x 2048 x 10 floats).
 
-Applying: the weights are grouped by shape and each group is stacked to ``[L, d_out, d_in]`` (float64) and
-updated in one batched product, ``W + (W U) V^T`` (two thin GEMMs, never a d_in x d_in product per layer),
-or ``W A`` in the dense case; the base class rounds once to the model dtype and keeps backups (bit-exact
+Applying (``ops.apply_edit.apply_shared``): the rows of every weight of one input width are concatenated
+and updated in float64 by two thin GEMMs, ``W + (W U) V^T`` (never a d_in x d_in product per layer), or one
+``W A`` in the dense case, in memory-bounded chunks; the base class rounds once to the model dtype and keeps backups (bit-exact
 revert). Storage: float32 factors (as ``LowRankEdit``).
 
 ``layer_factors(current)`` gives per-weight LoRA-style factors ``(up = W U, down = V^T)`` for exporters: the
@@ -88,19 +88,12 @@ class SharedRightEdit(Edit):
         return self.new_weights({name: current})[name]
 
     def new_weights(self, current):
-        out = {}
-        for _, names in group_by_shape(current).items():
-            W = torch.stack([current[n].to(torch.float64) for n in names])  # [L, d_out, d_in]
-            dev = W.device
-            if self.A is not None:
-                new = W @ self.A.to(dev, torch.float64)
-            else:
-                U = self.U.to(dev, torch.float64)
-                V = self.V.to(dev, torch.float64)
-                new = W + (W @ U) @ V.T
-            for j, n in enumerate(names):
-                out[n] = new[j]
-        return out
+        from ..ops.apply_edit import apply_shared
+
+        current = {n: w.to(torch.float64) for n, w in current.items()}
+        if self.A is not None:
+            return apply_shared(current, A=self.A.to(torch.float64))
+        return apply_shared(current, U=self.U.to(torch.float64), V=self.V.to(torch.float64))
 
     def delta(self, name, current):
         w = current.detach().to(torch.float64)
