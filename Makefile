@@ -35,5 +35,10 @@ bench: $(NATIVE_STAMP)
 bench-gpu: $(NATIVE_STAMP)
 	$(PY) bench/run_all.py --device cuda
 
+# bounded fuzzing of the native CSR reader (libFuzzer + ASan/UBSan with clang, else a g++ driver); not in `make test`
+FUZZ_SECONDS ?= 60
+fuzz:
+	sh csrc/fuzz/run.sh $(FUZZ_SECONDS)
+
 clean:
 	rm -rf build pure_fast/_C*.so $(NATIVE_STAMP)

@@ -21,8 +21,9 @@ void csr_check_sizes(int64_t n_indptr, int64_t n_indices, int64_t n_values, int6
   require(rows * cols <= max / elem_size, "csr: the dense size rows*cols*" + std::to_string(elem_size) +
                                               " bytes overflows int64 (rows=" + std::to_string(rows) +
                                               ", cols=" + std::to_string(cols) + ")");
-  require(n_indptr == rows + 1, "csr: indptr has " + std::to_string(n_indptr) + " entries; expected rows+1 = " +
-                                    std::to_string(rows + 1));
+  // n_indptr - 1 == rows, not n_indptr == rows + 1: rows may be INT64_MAX when cols == 0 (found by csrc/fuzz)
+  require(n_indptr - 1 == rows, "csr: indptr has " + std::to_string(n_indptr) + " entries; expected rows+1 = " +
+                                    (rows < max ? std::to_string(rows + 1) : std::string("2^63")));
   require(n_indices == n_values, "csr: indices has " + std::to_string(n_indices) + " entries but values has " +
                                      std::to_string(n_values));
 }
