@@ -323,6 +323,8 @@ def cmd_inspect(args) -> int:
     ]
     if "rank_min" in info:
         lines.append(f"ranks     {info['rank_min']}..{info['rank_max']}")
+    if info.get("details"):
+        lines.append(f"details   {info['details']}")
     lines.append(f"base      {fp.short(e.base_fingerprint)}")
     lines.append(f"result    {fp.short(e.result_fingerprint)}")
     opts = {k: v for k, v in e.options.items() if k != "collect"}
