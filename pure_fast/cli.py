@@ -128,6 +128,8 @@ def cmd_erase(args) -> int:
     out = os.path.abspath(args.out)
     if not os.path.isdir(os.path.dirname(out)):
         raise UsageError(f"the folder of --out {args.out} does not exist")
+    if os.path.isdir(out):
+        raise UsageError(f"--out {args.out} is a folder; give the path of the edit file to write (EDIT.safetensors)")
     kwargs = _parse_option_values(args.option)
     for name, key in (("seed", "seeds"), ("steps", "steps"), ("record_steps", "record_steps"), ("size", "size"),
                       ("guidance", "guidance_scale"), ("batch_size", "batch_size"),
@@ -343,9 +345,22 @@ COMMANDS = {"erase": cmd_erase, "apply": cmd_apply, "generate": cmd_generate, "i
             "demo": cmd_demo}
 
 
+def _one_line_warnings() -> None:
+    """Warnings (numerical-health notes, ...) print as one ``pure-fast: warning: ...`` line each."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"pure-fast: warning: {str(message).splitlines()[0] if str(message) else category.__name__}",
+              file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if not debug:
+        _one_line_warnings()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -376,7 +391,8 @@ def main(argv=None) -> int:
 
         if debug:
             raise
-        if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        text = str(exc).lower()
+        if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text:
             print("pure-fast: error: the device ran out of memory; lower --batch-size (or --size)", file=sys.stderr)
             return 1
         msg = str(exc).splitlines()[0] if str(exc) else ""

@@ -1,4 +1,15 @@
-"""Safe file writing and reading: temp file + atomic rename; safetensors headers checked before use."""
+"""Safe file writing and reading: temp file + atomic rename; safetensors headers checked before use.
+
+Writing: ``atomic_path`` / ``atomic_dir`` write beside the target and rename at the end, so an error or an
+interrupt leaves neither a partial output nor a temp file. An existing folder is never replaced by a file.
+
+Reading: only safetensors (and JSON) is read. ``read_safetensors_header`` refuses, with one line, a missing
+path, a folder, a pickle file (by suffix, or by its first bytes: the pickle protocol opcode or the zip
+magic of ``torch.save``), a header length that is zero, larger than 100 MB or past the end of the file,
+a header that is not a JSON object, ``__metadata__`` that is not a string map, and tensor entries whose
+shape or data offsets are malformed or point outside the file. safetensors then checks each tensor's byte
+size against its dtype and shape when the data is read.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -18,6 +29,8 @@ def atomic_path(path: str, suffix: str = ""):
     """Yield a temp path beside ``path``; on success rename it onto ``path``, on error delete it."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path)) or "."
+    if os.path.isdir(path):
+        raise PureFastError(f"{path} is a folder; give a file path for this output")
     if not os.path.isdir(folder):
         raise PureFastError(f"output folder {folder} does not exist; create it first")
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", suffix=suffix, dir=folder)
@@ -57,20 +70,38 @@ def save_safetensors(tensors: dict, path: str, metadata: dict[str, str] | None =
     return path
 
 
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+
+
+def _pickle_refusal(path: str) -> str:
+    return (f"{path} is a pickle/torch.save file, which is never loaded (unpickling can run code); "
+            "only .safetensors files are read (edit files are written by pure-fast erase; convert other "
+            "checkpoints to .safetensors in a trusted environment)")
+
+
 def read_safetensors_header(path: str, err=EditFileError) -> dict:
     """Parse and sanity-check a safetensors header without reading tensor data."""
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise err(f"{path} does not exist")
     if os.path.isdir(path):
         raise err(f"{path} is a folder, not a .safetensors file")
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        raise err(_pickle_refusal(path))
+    if not os.path.isfile(path):
+        raise err(f"{path} is not a regular file")
     size = os.path.getsize(path)
     try:
         with open(path, "rb") as f:
             head = f.read(8)
+            # a pickle (protocol >= 2: 0x80, version) or torch.save zip never has a valid header length
+            pickled = (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:4] == b"PK\x03\x04"
             if len(head) < 8:
-                raise err(f"{path} is not a safetensors file (too short)")
+                raise err(_pickle_refusal(path) if pickled else f"{path} is not a safetensors file (too short)")
             (n,) = struct.unpack("<Q", head)
             if n == 0 or n > MAX_HEADER or 8 + n > size:
+                if pickled:
+                    raise err(_pickle_refusal(path))
                 raise err(f"{path} is not a valid safetensors file (bad header length {n})")
             raw = f.read(n)
     except OSError as exc:

@@ -2,7 +2,10 @@
 
 Paths are checked here first, because diffusers' own messages for a missing path or an offline config
 lookup point at the Hub. Pickle-based checkpoints (.ckpt/.pt/.bin/.pth) are refused: loading them can run
-arbitrary code.
+arbitrary code. Folders are loaded with ``use_safetensors=True``, so a component stored only as pickle
+``.bin`` weights is refused (with the component named) instead of being unpickled. After loading, every
+UNet parameter is checked finite (one native pass): NaN/Inf weights make every activation, basis and edit
+meaningless, so they are refused with the first offending tensor named.
 """
 from __future__ import annotations
 
@@ -58,6 +61,34 @@ def _pipeline_class_name(folder: str) -> str:
     return name
 
 
+def _pickle_only_components(folder: str) -> list[str]:
+    """Components (sub-folders) of a diffusers folder that hold pickle weights and no .safetensors."""
+    out = []
+    for comp in sorted(os.listdir(folder)):
+        d = os.path.join(folder, comp)
+        if not os.path.isdir(d):
+            continue
+        files = os.listdir(d)
+        if any(f.endswith(PICKLE_SUFFIXES) for f in files) and not any(f.endswith(".safetensors") for f in files):
+            out.append(comp)
+    return out
+
+
+def check_finite_parameters(module: torch.nn.Module, what: str = "UNet") -> None:
+    """Refuse a model whose parameters hold NaN/Inf (names the first bad tensor and the count)."""
+    from ..errors import NumericalError
+    from ..ops.finite import finite_stats
+
+    for name, p in module.named_parameters():
+        if p.is_floating_point() and p.numel():
+            bad, _ = finite_stats(p.detach())
+            if bad:
+                raise NumericalError(
+                    f"the {what} weight {name} holds {bad} NaN/Inf value(s); the checkpoint is corrupt "
+                    "(re-download or re-convert it)"
+                )
+
+
 def _pipeline_class(name: str):
     import diffusers
 
@@ -88,6 +119,14 @@ def load_pipeline(spec: str, config: str | None = None, dtype: torch.dtype | Non
         kwargs["torch_dtype"] = dtype
     if os.path.isdir(spec):
         cls = _pipeline_class(_pipeline_class_name(spec))
+        pickled = _pickle_only_components(spec)
+        if pickled:
+            raise ModelLoadError(
+                f"{spec}: component(s) {', '.join(pickled)} have only pickle weights (.bin/.ckpt), which are never "
+                "loaded (they can run code); convert the folder to safetensors (save_pretrained(..., "
+                "safe_serialization=True) in a trusted environment)"
+            )
+        kwargs["use_safetensors"] = True
         _quiet_diffusers()
         try:
             if cls.__name__ == "StableDiffusionPipeline":
@@ -161,6 +200,7 @@ def load_model(spec=None, *, config=None, device="cpu", dtype=None) -> ModelAdap
         return load_toy(device=device, dtype=dtype or torch.float32)
     spec = os.fspath(spec)
     pipe = load_pipeline(spec, config=config, dtype=dtype)
+    check_finite_parameters(pipe.unet)
     adapter = wrap_pipeline(pipe, device=device, dtype=dtype or pipe.unet.dtype)
     adapter.source = {"model": os.path.abspath(spec), "config": os.path.abspath(config) if config else None}
     return adapter

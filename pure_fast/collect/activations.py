@@ -51,6 +51,12 @@ class CollectOptions:
             raise UsageError(f"record_steps={self.record_steps!r} must be in [1, steps={self.steps}]")
         if not self.seeds:
             raise UsageError("seeds is empty; give at least one seed")
+        import numbers
+
+        bad = [s for s in self.seeds
+               if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not -(2**63) <= int(s) < 2**64]
+        if bad:
+            raise UsageError(f"seed {bad[0]!r} is not an integer in [-2**63, 2**64) (torch's seed range)")
         if self.batch_size < 1:
             raise UsageError(f"batch_size={self.batch_size} must be >= 1")
         if self.size is not None and not (8 <= self.size <= 4096):

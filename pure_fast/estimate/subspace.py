@@ -1,4 +1,19 @@
-"""Per-layer subspace bases from collected activations, one batched call per shape group."""
+"""Per-layer subspace bases from collected activations, one batched call per shape group.
+
+Numerical health (documented behaviour; never NaN):
+- rank-deficient rows (duplicate or collinear anchors, more rows than directions): the eigen-decompositions
+  keep only directions above ``1e-10`` of the largest eigenvalue and divide by singular values only where
+  they are positive, so the basis is orthonormal on the directions that exist. A streamed Gram matrix
+  (fp32) uses the floor ``GRAM_REL_FLOOR`` = 1e-6 so its rounding noise never becomes a direction. When a
+  group of at least two rows is one repeated row at some layer (identical anchors), ``group_basis`` warns;
+- an empty group (no anchors, e.g. no retain concepts) has rank 0 everywhere: P = 0 (PURE warns);
+- a threshold never gives rank 0 (the smallest rank reaching it is >= 1); rank 0 happens only where a
+  layer's activations are all zero, and ``warn_degenerate`` warns that those layers stay unchanged;
+- forget and retain subspaces that (nearly) coincide: ``warn_overlap`` measures, per layer, the share of
+  the forget basis outside span(V_R), ``||V_F^T (I - P_R)||_F^2 / rank(V_F)`` (mean squared sine of the
+  principal angles), and warns where it is below ``tol`` (default 1e-3): the edit is (close to) zero there,
+  because PURE only removes what the retain set does not also hold.
+"""
 from __future__ import annotations
 
 import warnings
@@ -27,15 +42,23 @@ class GroupBasis:
     ranks: torch.Tensor
 
 
+GRAM_REL_FLOOR = 1e-6  # eigenvalue floor for streamed fp32 Gram matrices (their rounding noise is ~1e-7 relative)
+IDENTICAL_SPREAD = 1e-8  # centred / uncentred energy below this: the rows are (numerically) one repeated row
+
+
 def group_basis(acts: Activations, group: str, threshold: float, max_rank: int | None = None,
                 center: bool = True) -> dict[int, GroupBasis]:
     """For one prompt group: per shape group, the basis of its pooled activations.
 
     center=True: the mean direction plus the principal directions of the centred rows (threshold on the
     centred variance). center=False: the paper's literal uncentred SVD (threshold on raw energy).
+    Rows kept as rows are decomposed with the default eigenvalue floor (1e-10 of the largest); a streamed
+    Gram matrix (accumulated in fp32) with ``GRAM_REL_FLOOR``, so its rounding noise never becomes a basis
+    direction. Warns when a group of >= 2 rows is one repeated row at some layer (identical anchors).
     """
     out = {}
     stats = acts.stats[group]
+    identical = []
     for d, idx in shape_groups(acts.layers).items():
         st = [stats[i] for i in idx]
         if all(s.n_rows == 0 for s in st):
@@ -47,12 +70,26 @@ def group_basis(acts: Activations, group: str, threshold: float, max_rank: int |
             data = torch.stack([s.gram if s.is_gram else s.matrix().T @ s.matrix() for s in st])
         else:
             data = torch.stack([s.matrix() for s in st])
+        floor = GRAM_REL_FLOOR if gram else 1e-10
+        mean = torch.stack([s.mean() for s in st]).to(data.device)
         if center:
-            mean = torch.stack([s.mean() for s in st]).to(data.device)
-            V, ranks = centered_basis(data, threshold, mean=mean, count=st[0].n_rows, is_gram=gram, max_rank=max_rank)
+            V, ranks = centered_basis(data, threshold, mean=mean, count=st[0].n_rows, is_gram=gram, max_rank=max_rank,
+                                      rel_floor=floor)
         else:
-            V, ranks, _ = subspace_basis(data, threshold, is_gram=gram, max_rank=max_rank)
+            V, ranks, _ = subspace_basis(data, threshold, is_gram=gram, max_rank=max_rank, rel_floor=floor)
+        # identical rows: centred energy sum ||x - mu||^2 = sum ||x||^2 - n ||mu||^2 ~ 0
+        n = st[0].n_rows
+        if n >= 2:
+            total = (torch.diagonal(data.double(), dim1=1, dim2=2).sum(-1) if gram else (data.double() ** 2).sum((1, 2)))
+            spread = total - n * (mean.double() ** 2).sum(-1)
+            for j, i in enumerate(idx):
+                if float(total[j]) > 0 and float(spread[j]) <= IDENTICAL_SPREAD * float(total[j]):
+                    identical.append(acts.layers[i].name)
         out[d] = GroupBasis(idx, V, ranks.cpu())
+    if identical:
+        warnings.warn(f"{group}: its {stats[0].n_rows} anchor rows are one repeated row at {len(identical)} layer(s) "
+                      f"(e.g. {identical[0]}): the anchors are identical there, so the basis is that one direction; "
+                      "use more varied anchors or templates", stacklevel=2)
     return out
 
 
@@ -76,3 +113,32 @@ def warn_degenerate(name: str, basis: dict[int, GroupBasis], layers) -> list[str
         warnings.warn(f"{name} basis has rank 0 at {len(empty)} layer(s) (e.g. {empty[0]}); those layers are unchanged",
                       stacklevel=2)
     return empty
+
+
+def overlap_fraction(forget: dict[int, GroupBasis], retain: dict[int, GroupBasis]) -> dict[int, float]:
+    """Per layer index: ``||V_F^T (I - P_R)||_F^2 / rank(V_F)``, the share of the forget basis outside
+    span(V_R) (1 = orthogonal to the retain subspace, 0 = inside it). Layers with rank(V_F) = 0 are omitted."""
+    out = {}
+    for d, gb in forget.items():
+        V_F = gb.V.to(torch.float64)
+        V_R = retain[d].V.to(V_F.device, torch.float64) if d in retain else V_F.new_zeros(V_F.shape[0], V_F.shape[1], 0)
+        G = V_F.transpose(1, 2) - (V_F.transpose(1, 2) @ V_R) @ V_R.transpose(1, 2)
+        energy = (G * G).sum((1, 2))
+        for j, i in enumerate(gb.layer_indices):
+            r = int(gb.ranks[j])
+            if r:
+                out[i] = float(energy[j]) / r
+    return out
+
+
+def warn_overlap(forget: dict[int, GroupBasis], retain: dict[int, GroupBasis], layers, tol: float = 1e-3) -> list[str]:
+    """Warn where the forget subspace lies (nearly) inside the retain subspace: the edit is ~0 there."""
+    frac = overlap_fraction(forget, retain)
+    low = [layers[i].name for i, f in frac.items() if f < tol]
+    if low:
+        worst = min(frac.values())
+        warnings.warn(
+            f"forget and retain anchors are nearly collinear at {len(low)} of {len(frac)} layer(s) (e.g. {low[0]}: "
+            f"only {worst:.1%} of the forget subspace lies outside the retain subspace); the edit changes those "
+            "layers little. Retain concepts that are less similar to the forgotten one", stacklevel=2)
+    return low

@@ -29,7 +29,7 @@ from ..adapters.base import ModelAdapter
 from ..collect.activations import CollectOptions, collect_activations
 from ..edits.edit import LowRankEdit
 from ..errors import UsageError
-from ..estimate.subspace import group_basis, union_of, warn_degenerate
+from ..estimate.subspace import group_basis, union_of, warn_degenerate, warn_overlap
 
 
 @dataclass
@@ -94,6 +94,8 @@ def pure_edit(
         warnings.warn("no retain concepts: PURE becomes plain projection E = I - P_F", stacklevel=2)
     retain = group_basis(acts, "retain", opts.retain_threshold, None, opts.center)
     warn_degenerate("forget", forget, acts.layers)
+    if retain_prompts:
+        warn_overlap(forget, retain, acts.layers)
     timings["estimate_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

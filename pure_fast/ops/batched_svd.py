@@ -202,6 +202,7 @@ def centered_basis(
     count: int | torch.Tensor,
     is_gram: bool = False,
     max_rank: int | None = None,
+    rel_floor: float = 1e-10,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Basis of span{mean} + the top principal directions of the centred data (threshold on centred variance).
 
@@ -214,14 +215,17 @@ def centered_basis(
     if is_gram:
         n = torch.as_tensor(count, dtype=torch.float64, device=x.device).reshape(-1, 1, 1)
         xc = x - n * mu[:, :, None] * mu[:, None, :]
-        Vc, rc, _ = subspace_basis(xc, threshold, is_gram=True, max_rank=None if max_rank is None else max(max_rank - 1, 1))
+        Vc, rc, _ = subspace_basis(xc, threshold, is_gram=True, max_rank=None if max_rank is None else max(max_rank - 1, 1),
+                                   rel_floor=rel_floor)
     else:
         xc = x - mu[:, None, :]
-        Vc, rc, _ = subspace_basis(xc, threshold, max_rank=None if max_rank is None else max(max_rank - 1, 1))
+        Vc, rc, _ = subspace_basis(xc, threshold, max_rank=None if max_rank is None else max(max_rank - 1, 1),
+                                   rel_floor=rel_floor)
     # add the mean direction, Gram-Schmidt against the centred basis
     resid = mu - (Vc @ (Vc.transpose(1, 2) @ mu[:, :, None]))[:, :, 0] if Vc.shape[2] else mu.clone()
     norm = resid.norm(dim=1)
-    keep = norm > 1e-8 * mu.norm(dim=1).clamp(min=1e-300)
+    # sqrt of the eigenvalue floor (1e-5 for 1e-10): a residual below it is rounding noise of fp32 rows, not a direction
+    keep = norm > max(rel_floor, 1e-10) ** 0.5 * mu.norm(dim=1).clamp(min=1e-300)
     unit = resid / norm.clamp(min=1e-300)[:, None] * keep[:, None]
     V = torch.cat([unit[:, :, None], Vc], dim=2)
     ranks = rc + keep.long()
