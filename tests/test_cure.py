@@ -42,6 +42,15 @@ def _dense_p_dis(F, R, alpha):
     return P_f - P_f @ P_r
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The problems here are tiny (32-384 wide): one intra-op thread avoids oversubscribing a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def toy():
     return pure_fast.load_model("toy")

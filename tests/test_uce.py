@@ -40,6 +40,15 @@ def _dense_uce(W0, C_e, C_g, C_p, lam, s_e, s_p):
     return torch.linalg.solve(right.T, left.T).T  # W right = left
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The problems here are tiny (32-384 wide): one intra-op thread avoids oversubscribing a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def toy():
     return pure_fast.load_model("toy")
