@@ -138,7 +138,9 @@ def test_in_place_writes_revert_file_and_revert_is_bit_exact(model_dir, edits, c
     saved = load_file(rf)
     from pure_fast.edits.io import load_edit
 
-    assert set(saved) == set(load_edit(edits["a"]).target_weights())
+    rel = os.path.relpath(wfile, model_dir)
+    assert set(saved) == {f"{rel}::{n}" for n in load_edit(edits["a"]).target_weights()}
+    saved = {k.split("::", 1)[1]: v for k, v in saved.items()}
     assert all(torch.equal(saved[k], orig[k]) and not torch.equal(saved[k], want[k]) for k in saved)
     assert main(["revert", "--model", model_dir, "--revert-file", rf, "--quiet"]) == 0
     assert _hashes(model_dir) == before and not os.path.exists(rf)
@@ -296,3 +298,25 @@ def test_in_memory_stack_reverts_any_suffix_bit_exactly(tiny_sd1):
     assert all(torch.equal(kv_weights(unet)[k], states[2][k]) for k in states[2])
     assert revert_all(unet) == 2
     assert all(torch.equal(kv_weights(unet)[k], states[0][k]) for k in states[0])
+
+
+def test_weight_variants_are_all_written_and_restored(model_dir, edits, tmp_path):
+    """A folder with an fp16 variant beside the fp32 weights: both files get the edit (each in its dtype),
+    and revert restores both bit-exactly."""
+    d = str(tmp_path / "variants")
+    shutil.copytree(model_dir, d)
+    _unet_of(d).to(torch.float16).save_pretrained(os.path.join(d, "unet"), variant="fp16")
+    before = _hashes(d)
+    assert main(["apply", "--model", d, "--edit", edits["a"], "--out", str(tmp_path / "copy"), "--quiet"]) == 0
+    rf = str(tmp_path / "r.safetensors")
+    assert main(["apply", "--model", d, "--edit", edits["a"], "--in-place", "--revert-file", rf, "--quiet"]) == 0
+    from diffusers import UNet2DConditionModel
+
+    want = _expected(model_dir, [edits["a"]])
+    for folder in (d, str(tmp_path / "copy")):
+        u16 = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", variant="fp16", local_files_only=True)
+        u32 = _unet_of(folder)
+        g16, g32 = kv_weights(u16), kv_weights(u32)
+        assert all(torch.equal(g32[k], want[k]) and torch.equal(g16[k], want[k].half()) for k in want)
+    assert main(["revert", "--model", d, "--revert-file", rf, "--quiet"]) == 0
+    assert _hashes(d) == before

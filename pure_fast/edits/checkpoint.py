@@ -135,15 +135,19 @@ def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def _locate(files: list[str], names) -> dict[str, tuple[str, dict]]:
-    """name -> (file, header entry) for every name; an error names the first one not found."""
-    where: dict[str, tuple[str, dict]] = {}
+def _locate(files: list[str], names) -> dict[str, dict[str, dict]]:
+    """file -> {name: header entry} for every file holding one of ``names`` (a folder with weight variants,
+    e.g. ``diffusion_pytorch_model.fp16.safetensors`` beside the float32 file, has each name in several
+    files: all of them are written); an error names the first name no file holds."""
+    where: dict[str, dict[str, dict]] = {}
+    found: set[str] = set()
     for path in files:
         header, _, _ = _header(path)
         for k, info in header.items():
             if k != "__metadata__" and k in names:
-                where[k] = (path, info)
-    missing = sorted(set(names) - set(where))
+                where.setdefault(path, {})[k] = info
+                found.add(k)
+    missing = sorted(set(names) - found)
     if missing:
         raise PureFastError(f"{len(missing)} edited tensor(s) not found in the model's UNet files (e.g. {missing[0]})")
     return where
@@ -198,13 +202,6 @@ def _patch_atomically(path: str, data: dict[str, bytes], entries: dict[str, dict
         os.close(dirfd)
 
 
-def _by_file(where: dict[str, tuple[str, dict]]) -> dict[str, dict[str, dict]]:
-    out: dict[str, dict[str, dict]] = {}
-    for name, (path, info) in where.items():
-        out.setdefault(path, {})[name] = info
-    return out
-
-
 # ---- new outputs --------------------------------------------------------------------------------------------
 def write_edited_folder(src: str, out: str, new_weights: dict[str, torch.Tensor]) -> str:
     """Copy diffusers (or toy weights) folder ``src`` to ``out`` with UNet tensors ``new_weights`` (name ->
@@ -220,8 +217,7 @@ def write_edited_folder(src: str, out: str, new_weights: dict[str, torch.Tensor]
     with atomic_dir(out) as tmp:
         # revert files of in-place edits belong to the input, not to the copy
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(REVERT_PREFIX + "*", ".tmp-*"))
-        where = _locate(unet_weight_files(tmp), set(new_weights))
-        for path, entries in _by_file(where).items():
+        for path, entries in _locate(unet_weight_files(tmp), set(new_weights)).items():
             _write_ranges(path, {n: _encode(n, new_weights[n], entries[n]) for n in entries}, entries)
     return out
 
@@ -253,9 +249,9 @@ def apply_in_place(folder: str, new_weights: dict[str, torch.Tensor], edits=(), 
     if not new_weights:
         raise UsageError("the edits change no weights; nothing to write")
     wfiles = unet_weight_files(folder)
-    where = _locate(wfiles, set(new_weights))
-    groups = _by_file(where)
-    guard = _guard_digest(wfiles, new_weights)
+    groups = _locate(wfiles, set(new_weights))
+    guard = _guard_digest(folder, wfiles, new_weights)
+    # revert-file keys are "<file relative to the folder>::<tensor name>"
     before_t, before_d, after_d, files, headers, patches = {}, {}, {}, {}, {}, {}
     for path, entries in groups.items():
         rel = os.path.relpath(path, folder)
@@ -264,10 +260,11 @@ def apply_in_place(folder: str, new_weights: dict[str, torch.Tensor], edits=(), 
         old = _read_ranges(path, entries)
         patches[path] = {}
         for name, info in entries.items():
+            key = f"{rel}::{name}"
             new = _encode(name, new_weights[name], info)
-            files[name] = rel
-            before_d[name], after_d[name] = _digest(old[name]), _digest(new)
-            before_t[name] = torch.frombuffer(bytearray(old[name]), dtype=_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+            files[key] = rel
+            before_d[key], after_d[key] = _digest(old[name]), _digest(new)
+            before_t[key] = torch.frombuffer(bytearray(old[name]), dtype=_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
             patches[path][name] = new
     changed = sorted(n for n in before_d if before_d[n] != after_d[n])
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
@@ -292,7 +289,7 @@ def apply_in_place(folder: str, new_weights: dict[str, torch.Tensor], edits=(), 
 _KV = re.compile(r"\.attn2\.to_[kv]\.weight$")
 
 
-def _guard_digest(files: list[str], new_weights=None) -> dict:
+def _guard_digest(folder: str, files: list[str], new_weights=None) -> dict:
     """Digest of every cross-attention K/V tensor's bytes (with ``new_weights`` written, when given): a
     revert is refused unless the model is still in exactly the state the edit left, so in-place edits
     are undone last-first even when they change different weights."""
@@ -303,7 +300,7 @@ def _guard_digest(files: list[str], new_weights=None) -> dict:
         cur = _read_ranges(path, entries)
         for k in entries:
             b = _encode(k, new_weights[k], entries[k]) if new_weights and k in new_weights else cur[k]
-            parts.append((k, _digest(b)))
+            parts.append((f"{os.path.relpath(path, folder)}::{k}", _digest(b)))
     h = hashlib.blake2b(digest_size=16)
     for k, d in sorted(parts):
         h.update(f"{k}:{d};".encode())
@@ -332,12 +329,13 @@ def revert_in_place(folder: str, revert_file: str, *, remove: bool = True) -> di
     if not os.path.isdir(folder):
         raise UsageError(f"--model {folder} is not a folder")
     tensors, record = read_revert_file(revert_file)
-    by_file: dict[str, dict[str, dict]] = {}
-    for name, rel in record["files"].items():
-        if os.path.isabs(rel) or ".." in rel.split(os.sep):
+    by_file: dict[str, dict[str, str]] = {}  # rel -> {tensor name: revert key}
+    for key, rel in record["files"].items():
+        if not isinstance(rel, str) or os.path.isabs(rel) or ".." in rel.split(os.sep) or not key.startswith(rel + "::"):
             raise EditFileError(f"{revert_file}: bad file entry {rel!r}")
-        by_file.setdefault(rel, {})[name] = {}
+        by_file.setdefault(rel, {})[key[len(rel) + 2:]] = key
     data: dict[str, dict[str, bytes]] = {}
+    entries_of: dict[str, dict[str, dict]] = {}
     for rel, names in by_file.items():
         path = os.path.join(folder, rel)
         if not os.path.isfile(path):
@@ -349,24 +347,23 @@ def revert_in_place(folder: str, revert_file: str, *, remove: bool = True) -> di
         if len(entries) != len(names):
             raise PureFastError(f"{path} lacks tensors the revert file restores; nothing restored")
         current = _read_ranges(path, entries)
-        for n in names:
-            if _digest(current[n]) != record["after"][n]:
-                state = "already holds the original weights" if _digest(current[n]) == record["before"][n] else \
+        for n, key in names.items():
+            if _digest(current[n]) != record["after"].get(key):
+                state = "already holds the original weights" if _digest(current[n]) == record["before"][key] else \
                     "was changed after this edit (revert later in-place edits first)"
                 raise PureFastError(f"{n} in {path} {state}; nothing restored")
         data[path] = {}
         for n, info in entries.items():
-            b = _encode(n, tensors[n], info)
-            if _digest(b) != record["before"][n]:
+            b = _encode(n, tensors[names[n]], info)
+            if _digest(b) != record["before"][names[n]]:
                 raise EditFileError(f"{revert_file}: tensor {n} does not match its recorded digest; nothing restored")
             data[path][n] = b
-        by_file[rel] = entries
+        entries_of[path] = entries
     guard = record.get("guard")
-    if guard and _guard_digest(unet_weight_files(folder))["digest"] != guard.get("digest"):
+    if guard and _guard_digest(folder, unet_weight_files(folder))["digest"] != guard.get("digest"):
         raise PureFastError(f"the cross-attention weights of {folder} were changed after this edit (revert later "
                             "in-place edits first); nothing restored")
-    for rel, entries in by_file.items():
-        path = os.path.join(folder, rel)
+    for path, entries in entries_of.items():
         _patch_atomically(path, data[path], entries)
     if remove:
         os.unlink(revert_file)
