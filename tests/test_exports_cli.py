@@ -162,3 +162,22 @@ def test_export_refusals_are_one_line(pipe, tiny_sd1_dir, edit_files, tmp_path, 
         assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err, (name, err)
         assert not os.path.exists(out), name
     assert not os.path.exists(os.path.join(tiny_sd1_dir, "x.safetensors"))
+
+
+@pytest.mark.parametrize("method,extra", [("uce", []), ("cure", []),
+                                          pytest.param("space", ["--rank", "64"], marks=pytest.mark.slow)])
+def test_real_method_edits_export_to_lora(pipe, tiny_sd1_dir, tmp_path, capsys, method, extra):
+    """Edits computed by the methods themselves (not hand-built): their LoRA fuses to what apply gives."""
+    import pure_fast
+
+    edit = pure_fast.erase(pipe, forget=["Van Gogh"], retain=["Claude Monet"], method=method, category="style",
+                           progress=False)
+    path = str(tmp_path / f"{method}.safetensors")
+    edit.save(path)
+    out = str(tmp_path / "l.safetensors")
+    rc, so, err = _run(["export", "--edit", path, "--model", tiny_sd1_dir, "--format", "lora-kohya", "--out", out,
+                        "--json", *extra], capsys)
+    assert rc == 0, err
+    rep = json.loads(so)
+    assert rep["exact"] == (method != "space") and rep["rel_error"] < 1e-12
+    assert _max_err(_fused(pipe, out), _applied(pipe, path)) <= 1e-5
