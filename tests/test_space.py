@@ -52,7 +52,7 @@ def test_mu_zero_reproduces_uce(family, tiny_sd1, tiny_sdxl):
     A = torch.eye(M.shape[0], dtype=torch.float64) + U @ V.T
     # FISTA from W0 (the paper's start), float64: converges to UCE's W0 A
     opts = SpaceOptions(mu=0.0, precision="float64", warm_start="original", max_iter=20000, tol=1e-13,
-                        history=False)
+                        history_every=0)
     out, stats = space_solve(W, M, B, opts, progress=False)
     assert all(s["converged"] for s in stats)
     for n, w in W.items():
@@ -80,7 +80,7 @@ def test_subgradient_optimality_at_convergence(tiny_sd1):
     W = {k: v.detach() for k, v in list(kv_weights(ad.unet).items())[:4]}
     mu = 0.05
     opts = SpaceOptions(mu=mu, precision="float64", warm_start="original", max_iter=20000, tol=1e-12,
-                        history=False)
+                        history_every=0)
     out, stats = space_solve(W, M, B, opts, progress=False)
     assert all(s["converged"] for s in stats)
     zeros = nonzeros = 0
@@ -95,11 +95,13 @@ def test_subgradient_optimality_at_convergence(tiny_sd1):
     assert zeros > 0.1 * (zeros + nonzeros) and nonzeros > 0.1 * (zeros + nonzeros)
     # the per-iteration history: objective F(W_k) and zero fraction, the last objective near the minimum
     short, hist = space_solve(W, M, B, SpaceOptions(mu=mu, precision="float64", warm_start="original",
-                                                    max_iter=300, tol=1e-12), progress=False)
+                                                    max_iter=300, tol=1e-12, history_every=1),
+                              progress=False)
     f_star = sum(float((w * (w @ M)).sum() - 2 * (w * (W[n].double() @ B)).sum() + mu * w.abs().sum())
                  for n, w in out.items())
     for s in hist:
         assert len(s["objective"]) == s["iterations"] == len(s["sparsity"]) == 300
+        assert s["history_iterations"] == list(range(1, 301))
     f_300 = sum(s["objective"][-1] for s in hist)
     assert f_star <= f_300 + 1e-9 * abs(f_star) and (f_300 - f_star) < 1e-3 * abs(f_star)
 
@@ -185,7 +187,7 @@ def test_malformed_csr_files_are_refused(tiny_sd1, tmp_path, mutate):
 def test_space_effect_on_toy(toy):
     """Erase 'red' toward '' (retain 'blue', 'green') with 34 % zeros: red's K/V go to the BOS token's, blue's stay."""
     e = pure_fast.erase(toy, ["red"], ["blue", "green"], method="space", mu=0.02, max_iter=150,
-                        storage_dtype="float32", history=False, progress=False)
+                        storage_dtype="float32", history_every=0, progress=False)
     assert 0.25 < e.stats["zero_fraction"] < 0.5  # measured 0.344
     te = toy.encode_tokens(["red", "", "blue"])
     red, bos, blue = te.embeds[0, 1], te.embeds[1, 0], te.embeds[2, 1]
@@ -202,7 +204,8 @@ def test_space_effect_on_toy(toy):
 @pytest.mark.parametrize("kw,match", [
     ({"mu": -1.0}, "mu=-1.0"), ({"mu": float("nan")}, "mu="), ({"max_iter": 0}, "max_iter=0"),
     ({"max_iter": 2.5}, "max_iter=2.5"), ({"tol": 0}, "tol=0"), ({"warm_start": "x"}, "warm_start"),
-    ({"precision": "half"}, "precision"), ({"storage_dtype": "int8"}, "storage_dtype"), ({"lam": 0}, "lam"),
+    ({"precision": "half"}, "precision"), ({"storage_dtype": "int8"}, "storage_dtype"),
+    ({"history_every": -1}, "history_every"), ({"lam": 0}, "lam"),
 ])
 def test_bad_options_are_clear_errors(tiny_sd1, kw, match):
     before = _snapshot(tiny_sd1)
@@ -225,7 +228,10 @@ def test_cli_erase_inspect(tiny_sd1_dir, tmp_path, capsys):
     assert main(["inspect", out, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["options"]["mu"] == 0.1 and info["stats"]["fista"][0]["iterations"] <= 50
-    assert len(info["stats"]["fista"][0]["objective"]) == info["stats"]["fista"][0]["iterations"]
+    fista = info["stats"]["fista"][0]
+    assert fista["history_iterations"][0] == 1 and fista["history_iterations"][-1] == fista["iterations"]
+    assert all(b - a <= 10 for a, b in zip(fista["history_iterations"], fista["history_iterations"][1:]))
+    assert len(fista["objective"]) == len(fista["sparsity"]) == len(fista["history_iterations"])
     assert main(["erase", "--model", tiny_sd1_dir, "--method", "space", "--forget", "X", "--option", "mu=-1",
                  "--out", str(tmp_path / "bad.safetensors")]) == 2
     assert "mu=-1" in capsys.readouterr().err and not os.path.exists(tmp_path / "bad.safetensors")
