@@ -263,41 +263,47 @@ def test_toy_apply_writes_a_loadable_toy_folder(tmp_path):
     assert _hashes(out) == before
 
 
-def test_in_memory_stack_reverts_any_suffix_bit_exactly(tiny_sd1):
-    from pure_fast.edits.shared import SharedRightEdit
+def test_in_memory_stack_of_every_kind_reverts_any_suffix_bit_exactly(tiny_sd1):
+    """PURE-like low-rank, UCE-like shared, SPACE-like CSR, ActErase-like patch, low-rank again: each made on
+    the previous result; revert_all(model, n) gives back each earlier state bit-exactly."""
+    from test_combine import _make_patch, make_shared, make_sparse
+
+    from pure_fast.edits.patch import installed_hooks
 
     unet = copy.deepcopy(tiny_sd1.unet)
-    states = [{k: v.detach().clone() for k, v in kv_weights(unet).items()}]
-    a = _lowrank(unet, "sd1", 5)
-    a.apply(unet)
-    states.append({k: v.detach().clone() for k, v in kv_weights(unet).items()})
-    kv = kv_weights(unet)
-    d_in = next(iter(kv.values())).shape[1]
-    g = torch.Generator().manual_seed(6)
-    b = SharedRightEdit(method="uce", family="sd1", concepts={}, options={},
-                        **SharedRightEdit.pack(0.1 * torch.randn(d_in, 2, generator=g), 0.1 * torch.randn(d_in, 2, generator=g)),
-                        shapes={n: tuple(w.shape) for n, w in kv.items()})
-    stamp_fingerprints(b, unet)
-    b.apply(unet)
-    states.append({k: v.detach().clone() for k, v in kv_weights(unet).items()})
-    c = _lowrank(unet, "sd1", 7)
-    c.apply(unet)
-    states.append({k: v.detach().clone() for k, v in kv_weights(unet).items()})
-    # an edit made for other weights (a's base while c is on top) is refused, nothing changes
-    stray = _lowrank(copy.deepcopy(tiny_sd1.unet), "sd1", 8)
+    names = [l for l in sorted({k.rsplit(".", 2)[0] for k in kv_weights(unet)})][:2]
+    makers = [lambda u: _lowrank(u, "sd1", 5), lambda u: make_shared(u, 6), lambda u: make_sparse(u, 7),
+              lambda u: _make_patch(u, 8, names), lambda u: _lowrank(u, "sd1", 9)]
+    states, stack = [_state(unet)], []
+    for m in makers:
+        e = m(unet)
+        e.apply(unet)
+        stack.append(e)
+        states.append(_state(unet))
+    assert [e.kind for e in stack] == ["lowrank", "shared_right", "csr_weights", "patch", "lowrank"]
+    assert len(installed_hooks(unet)) == 1
+    # an edit made for other weights is refused, nothing changes
+    stray = _lowrank(copy.deepcopy(tiny_sd1.unet), "sd1", 10)
     with pytest.raises(FingerprintMismatch):
         stray.apply(unet)
-    assert len(applied_stack(unet)) == 3
+    assert len(applied_stack(unet)) == 5 and _same(_state(unet), states[5])
     with pytest.raises(Exception, match="not the last one applied"):
-        a.revert(unet)
-    for n in (1, 2):
+        stack[1].revert(unet)
+    for n in range(1, 5):
         assert revert_all(unet, 1) == 1
-        cur = kv_weights(unet)
-        assert all(torch.equal(cur[k], states[3 - n][k]) for k in cur)
-    b.apply(unet)  # re-applying on the chain works after a partial revert
-    assert all(torch.equal(kv_weights(unet)[k], states[2][k]) for k in states[2])
-    assert revert_all(unet) == 2
-    assert all(torch.equal(kv_weights(unet)[k], states[0][k]) for k in states[0])
+        assert _same(_state(unet), states[5 - n])
+        assert len(installed_hooks(unet)) == (1 if 5 - n > 3 else 0)
+    stack[1].apply(unet)  # re-applying on the chain after a partial revert
+    assert _same(_state(unet), states[2])
+    assert revert_all(unet) == 2 and _same(_state(unet), states[0]) and not applied_stack(unet)
+
+
+def _state(unet):
+    return {k: v.detach().clone() for k, v in kv_weights(unet).items()}
+
+
+def _same(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_weight_variants_are_all_written_and_restored(model_dir, edits, tmp_path):
