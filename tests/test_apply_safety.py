@@ -326,3 +326,26 @@ def test_weight_variants_are_all_written_and_restored(model_dir, edits, tmp_path
         assert all(torch.equal(g32[k], want[k]) and torch.equal(g16[k], want[k].half()) for k in want)
     assert main(["revert", "--model", d, "--revert-file", rf, "--quiet"]) == 0
     assert _hashes(d) == before
+
+
+def test_in_place_failure_while_replacing_leaves_folder_and_no_revert_file(model_dir, edits, tmp_path, monkeypatch, capsys):
+    """The second weight file fails to be replaced: the first is put back, the revert file removed."""
+    from pure_fast.edits import checkpoint
+
+    d = str(tmp_path / "variants")
+    shutil.copytree(model_dir, d)
+    _unet_of(d).to(torch.float16).save_pretrained(os.path.join(d, "unet"), variant="fp16")
+    before = _hashes(d)
+    real, calls = checkpoint._patch_atomically, []
+
+    def flaky(path, data, entries):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(path, data, entries)
+
+    monkeypatch.setattr(checkpoint, "_patch_atomically", flaky)
+    rf = str(tmp_path / "r.safetensors")
+    assert main(["apply", "--model", d, "--edit", edits["a"], "--in-place", "--revert-file", rf]) == 1
+    assert "No space left" in capsys.readouterr().err
+    assert _hashes(d) == before and not os.path.exists(rf) and len(calls) == 3  # 2 files tried, 1 put back

@@ -280,8 +280,20 @@ def apply_in_place(folder: str, new_weights: dict[str, torch.Tensor], edits=(), 
         "edits": [{"edit_id": e.edit_id, "method": e.method, "kind": e.kind, "family": e.family} for e in edits],
     }
     save_safetensors(before_t, revert_file, metadata={"pure_fast_revert": json.dumps(record, sort_keys=True)})
-    for path, entries in groups.items():
-        _patch_atomically(path, patches[path], entries)
+    done = []
+    try:
+        for path, entries in groups.items():
+            _patch_atomically(path, patches[path], entries)
+            done.append(path)
+    except BaseException:
+        # a file could not be replaced (disk full, interrupted): put back the ones already replaced, so the
+        # folder is as before and the revert file is not needed
+        rel_of = {p: os.path.relpath(p, folder) for p in groups}
+        for path in done:
+            orig = {n: _raw(before_t[f"{rel_of[path]}::{n}"]) for n in groups[path]}
+            _patch_atomically(path, orig, groups[path])
+        os.unlink(revert_file)
+        raise
     return {"model": folder, "revert_file": revert_file, "weights": len(files), "changed": len(changed),
             "files": sorted(set(files.values()))}
 
