@@ -314,3 +314,20 @@ def test_debug_shows_the_traceback(files):
 
     with pytest.raises(EditFileError):
         main(["inspect", files["empty"], "--debug"])
+
+
+def test_no_unpickling_anywhere_in_the_package():
+    """Static check: no call in pure_fast/ or bench/ can unpickle (torch.load, pickle, numpy allow_pickle)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"torch\.load\(|\bimport pickle\b|\bpickle\.loads?\(|allow_pickle\s*=\s*True|"
+                         r"weights_only\s*=\s*False|\bimport dill\b|joblib\.load\(")
+    hits = []
+    for folder in ("pure_fast", "bench"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if pattern.search(line.split("#", 1)[0]):
+                    hits.append(f"{path.relative_to(root)}:{i}: {line.strip()}")
+    assert not hits, "\n".join(hits)

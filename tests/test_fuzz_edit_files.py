@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from pure_fast.errors import EditFileError, PureFastError
 
-FUZZ = settings(max_examples=60, derandomize=True, deadline=None, database=None,
+FUZZ = settings(max_examples=40, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
@@ -41,27 +41,47 @@ def unet():
     return build_tiny_pipeline("sd1").unet
 
 
-@pytest.fixture(scope="module")
-def good(unet, tmp_path_factory):
-    """(bytes of a valid low-rank edit file for ``unet``, its Edit, a scratch folder)."""
+def _make(kind, unet, folder):
+    """(bytes of a valid edit file of ``kind`` for ``unet``, its Edit, the folder)."""
     from pure_fast.api import stamp_fingerprints
     from pure_fast.edits.edit import LowRankEdit, kv_weights
 
     g = torch.Generator().manual_seed(0)
     w = kv_weights(unet)
     names = sorted(w)[:3]
-    factors = {n: (torch.randn(w[n].shape[0], 2, generator=g) * 0.1, torch.randn(2, w[n].shape[1], generator=g) * 0.1)
-               for n in names}
-    edit = LowRankEdit(method="pure", family="sd1", concepts={"forget": ["x"], "retain": ["y"]},
-                       options={"forget_threshold": 0.9}, factors=factors,
-                       shapes={n: tuple(w[n].shape) for n in names})
+    common = dict(method="pure", family="sd1", concepts={"forget": ["x"], "retain": ["y"]}, options={"t": 0.9})
+    if kind == "lowrank":
+        factors = {n: (torch.randn(w[n].shape[0], 2, generator=g) * 0.1, torch.randn(2, w[n].shape[1], generator=g) * 0.1)
+                   for n in names}
+        edit = LowRankEdit(factors=factors, shapes={n: tuple(w[n].shape) for n in names}, **common)
+    elif kind == "shared_right":
+        from pure_fast.edits.shared import SharedRightEdit
+
+        d_in = w[names[0]].shape[1]
+        same = [n for n in sorted(w) if w[n].shape[1] == d_in]
+        U, V = torch.randn(d_in, 2, generator=g) * 0.1, torch.randn(d_in, 2, generator=g) * 0.1
+        edit = SharedRightEdit(shapes={n: tuple(w[n].shape) for n in same}, **SharedRightEdit.pack(U, V), **common)
+    else:
+        from pure_fast.edits.sparse import SparseWeightsEdit
+
+        dense = {n: w[n].detach() * (torch.rand(w[n].shape, generator=g) < 0.2) for n in names}
+        edit = SparseWeightsEdit.from_dense(dense, **common)
     stamp_fingerprints(edit, unet)
-    d = tmp_path_factory.mktemp("fuzz_edit")
-    path = str(d / "good.safetensors")
+    path = os.path.join(folder, f"good-{kind}.safetensors")
     edit.save(path)
     with open(path, "rb") as f:
         data = f.read()
-    return data, edit, str(d)
+    return data, edit, folder
+
+
+@pytest.fixture(scope="module")
+def good(unet, tmp_path_factory):
+    return _make("lowrank", unet, str(tmp_path_factory.mktemp("fuzz_edit")))
+
+
+@pytest.fixture(scope="module", params=["lowrank", "shared_right", "csr_weights"])
+def good_kind(request, unet, tmp_path_factory):
+    return _make(request.param, unet, str(tmp_path_factory.mktemp("fuzz_edit")))
 
 
 def _split(data: bytes) -> tuple[dict, bytes]:
@@ -131,14 +151,13 @@ def _outcome(data: bytes, unet, folder: str) -> str:
 
 
 # ---- the unmutated file -------------------------------------------------------------------------------------
-def test_good_file_round_trips_and_applies(good, unet):
+def test_good_file_round_trips_and_applies(good_kind, unet):
     from pure_fast.edits.io import load_edit
 
-    data, edit, folder = good
+    data, edit, folder = good_kind
     assert _outcome(data, unet, folder) == "applied"
-    path = os.path.join(folder, "good.safetensors")
-    loaded = load_edit(path)
-    assert loaded.meta() == edit.meta()
+    loaded = load_edit(os.path.join(folder, f"good-{edit.kind}.safetensors"))
+    assert loaded.meta() == edit.meta() and loaded.content_digest() == edit.content_digest()
     for k, v in edit.tensors().items():
         assert torch.equal(loaded.tensors()[k], v)
 
@@ -146,8 +165,8 @@ def test_good_file_round_trips_and_applies(good, unet):
 # ---- byte-level mutations -----------------------------------------------------------------------------------
 @FUZZ
 @given(st.data())
-def test_bit_flips_and_overwrites(good, unet, data):
-    raw, _, folder = good
+def test_bit_flips_and_overwrites(good_kind, unet, data):
+    raw, _, folder = good_kind
     buf = bytearray(raw)
     for _ in range(data.draw(st.integers(1, 8), label="n_mutations")):
         pos = data.draw(st.integers(0, len(buf) - 1), label="pos")
@@ -160,8 +179,8 @@ def test_bit_flips_and_overwrites(good, unet, data):
 
 @FUZZ
 @given(st.data())
-def test_truncated_or_extended(good, unet, data):
-    raw, _, folder = good
+def test_truncated_or_extended(good_kind, unet, data):
+    raw, _, folder = good_kind
     if data.draw(st.booleans(), label="truncate"):
         cut = data.draw(st.integers(0, len(raw) - 1), label="cut")
         out = raw[:cut]
@@ -201,8 +220,8 @@ DIMS = st.one_of(st.integers(-3, 70), st.sampled_from([0, 2**31, 2**40, 2**62, 2
 
 @FUZZ
 @given(st.data())
-def test_tensor_header_entries(good, unet, data):
-    raw, _, folder = good
+def test_tensor_header_entries(good_kind, unet, data):
+    raw, _, folder = good_kind
     header, payload = _split(raw)
     names = sorted(k for k in header if k != "__metadata__")
     name = data.draw(st.sampled_from(names), label="tensor")
@@ -235,8 +254,8 @@ META_FIELDS = ["format", "format_version", "kind", "method", "family", "concepts
 
 @FUZZ
 @given(st.data())
-def test_metadata_fields(good, unet, data):
-    raw, _, folder = good
+def test_metadata_fields(good_kind, unet, data):
+    raw, _, folder = good_kind
     header, payload = _split(raw)
     meta = json.loads(header["__metadata__"]["pure_fast"])
     for _ in range(data.draw(st.integers(1, 3), label="n")):
@@ -293,13 +312,13 @@ def test_overflowing_values_refused_before_change(good, unet, scale):
     assert _outcome(_join(header, bytes(buf)), unet, folder) == "refused"
 
 
-def test_edit_for_another_model_refused(good, tmp_path):
+def test_edit_for_another_model_refused(good_kind, tmp_path):
     """Same family, different layer widths: refused naming the shape; the model is unchanged."""
     from diffusers import UNet2DConditionModel
 
     from pure_fast.edits.io import load_edit
 
-    data, _, folder = good
+    data, edit, folder = good_kind
     torch.manual_seed(3)
     other = UNet2DConditionModel(
         block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
@@ -309,13 +328,13 @@ def test_edit_for_another_model_refused(good, tmp_path):
     )
     assert _outcome(data, other, folder) == "refused"
     with pytest.raises(EditFileError, match="another model"):
-        load_edit(os.path.join(folder, "good.safetensors")).apply(other)
+        load_edit(os.path.join(folder, f"good-{edit.kind}.safetensors")).apply(other)
 
 
 @pytest.mark.parametrize("key", META_FIELDS)
-def test_every_metadata_field_deleted_or_mistyped(good, unet, key):
+def test_every_metadata_field_deleted_or_mistyped(good_kind, unet, key):
     """A table over every field x (missing, each JSON type): never a crash, and the load is correct or refused."""
-    raw, _, folder = good
+    raw, _, folder = good_kind
     header, payload = _split(raw)
     base = json.loads(header["__metadata__"]["pure_fast"])
     outcomes = {}

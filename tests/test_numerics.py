@@ -234,3 +234,46 @@ def test_pure_zero_activation_layer_left_unchanged():
     assert any("rank 0" in m and layer.name in m for m in msgs), msgs
     assert layer.key_weight not in edit.factors and layer.value_weight not in edit.factors
     assert len(edit.factors) == 2 * (len(ad.cross_attention_layers()) - 1)
+
+
+# ---- the other methods: the same degenerate inputs give finite edits that apply and revert -------------------
+OTHER = ["uce", "cure", "space", "acterase"]
+CASES = {
+    "empty_retain": dict(retain=[]),
+    "identical_anchors": dict(retain=["Claude Monet", "a photograph"], templates=["art by {}", "art by {}"]),
+    "near_duplicate_retain": dict(retain=["Van Gogh."]),
+}
+
+
+def _method_opts(method):
+    if method == "acterase":
+        return dict(size=32, seeds=(0,), steps=4, record_steps=2)
+    if method == "space":
+        return dict(max_iter=30)
+    return {}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("method", OTHER)
+def test_other_methods_degenerate_inputs_finite(method, case, tiny_sd1):
+    import pure_fast
+    from pure_fast.edits.edit import kv_weights
+
+    kw = dict(CASES[case])
+    retain = kw.pop("retain")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        edit = pure_fast.erase(tiny_sd1, ["Van Gogh"], retain, method=method, category="style", progress=False,
+                               **kw, **_method_opts(method))
+    for name, t in edit.tensors().items():
+        if t.is_floating_point():
+            assert _finite(t), f"{method}/{case}: {name} is not finite"
+    before = {k: v.detach().clone() for k, v in kv_weights(tiny_sd1.unet).items()}
+    edit.apply(tiny_sd1)
+    try:
+        for name in edit.target_weights():
+            assert _finite(kv_weights(tiny_sd1.unet)[name])
+    finally:
+        edit.revert(tiny_sd1)
+    after = kv_weights(tiny_sd1.unet)
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -234,6 +234,36 @@ class Edit:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    # fields that describe the run, not the edit: excluded from ``content_digest``
+    VOLATILE: ClassVar[tuple[str, ...]] = ("created", "edit_id")
+    VOLATILE_STATS: ClassVar[tuple[str, ...]] = ("timings", "time_s")  # wall-clock keys, at any depth of stats
+
+    def content_digest(self) -> str:
+        """BLAKE2b of what the edit is: every tensor (name, dtype, shape, bytes) and the metadata without the
+        run-specific fields (``created``, the random ``edit_id``, and wall-clock keys ``timings`` / ``time_s``
+        anywhere inside ``stats``). Determinism is defined on it: the same model, inputs, options and seeds
+        give the same digest on CPU (tests/test_determinism.py).
+        """
+        import hashlib
+        import json
+
+        def strip(x):
+            if isinstance(x, dict):
+                return {k: strip(v) for k, v in x.items() if k not in self.VOLATILE_STATS}
+            if isinstance(x, (list, tuple)):
+                return [strip(v) for v in x]
+            return x
+
+        meta = {k: v for k, v in self.meta().items() if k not in self.VOLATILE}
+        meta["stats"] = strip(meta.get("stats") or {})
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+        for name, t in sorted(self.tensors().items()):
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        return h.hexdigest()
+
     def inspect(self) -> dict:
         m = self.meta()
         m.pop("weights")
