@@ -247,6 +247,9 @@ def test_toy_apply_writes_a_loadable_toy_folder(tmp_path):
     assert main(["apply", "--model", "toy", "--edit", path, "--out", out, "--quiet"]) == 0
     assert _hashes(toy_weights_dir()) == shipped
     back = load_toy(weights_dir=out)
+    via_cli_loader = pure_fast.load_model(out)  # every command takes the folder as --model
+    assert via_cli_loader.family == "toy" and torch.equal(
+        next(iter(kv_weights(via_cli_loader.unet).values())), next(iter(kv_weights(back.unet).values())))
     e.apply(m)
     got, want = kv_weights(back.unet), kv_weights(m.unet)
     # the shipped file stores float16: the written weights are the applied ones rounded to float16

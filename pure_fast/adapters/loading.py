@@ -189,6 +189,13 @@ def wrap_pipeline(pipe, device=None, dtype=None) -> ModelAdapter:
     return cls(pipe, pipe.unet, device=device, dtype=dtype)
 
 
+def _is_toy_weights_folder(path: str) -> bool:
+    """A toy model weights folder (config.json + unet.safetensors, no model_index.json)."""
+    return (os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json"))
+            and os.path.isfile(os.path.join(path, "unet.safetensors"))
+            and os.path.isfile(os.path.join(path, "config.json")))
+
+
 def load_model(spec=None, *, config=None, device="cpu", dtype=None) -> ModelAdapter:
     device = parse_device(device)
     dtype = parse_dtype(dtype)
@@ -199,6 +206,12 @@ def load_model(spec=None, *, config=None, device="cpu", dtype=None) -> ModelAdap
             raise ModelLoadError("the toy model is not available in this installation; pass --model PATH") from None
         return load_toy(device=device, dtype=dtype or torch.float32)
     spec = os.fspath(spec)
+    if _is_toy_weights_folder(spec):  # written by `pure-fast apply --model toy --out DIR`
+        from .toy import load_toy
+
+        adapter = load_toy(device=device, dtype=dtype or torch.float32, weights_dir=spec)
+        adapter.source = {"model": os.path.abspath(spec), "config": None}
+        return adapter
     pipe = load_pipeline(spec, config=config, dtype=dtype)
     check_finite_parameters(pipe.unet)
     adapter = wrap_pipeline(pipe, device=device, dtype=dtype or pipe.unet.dtype)

@@ -24,7 +24,8 @@ Design choices:
 - Revert files are named ``pure_fast_revert-<time>-<id>.safetensors`` and live in the folder of the
   first weight file they restore (``unet/`` for diffusers folders); they are never taken for weights.
 - **Toy weights folders** (``config.json`` + ``unet.safetensors``, the layout of ``pure_fast/toy/weights``)
-  are handled like diffusers folders; ``load_model_any`` loads them (``load_toy(weights_dir=...)``).
+  are handled like diffusers folders; ``pure_fast.load_model(DIR)`` loads them (``load_toy(weights_dir=...)``),
+  so every command takes them as ``--model DIR``.
 """
 from __future__ import annotations
 
@@ -87,14 +88,7 @@ def load_model_any(spec, *, config=None, device="cpu", dtype=None):
     """``pure_fast.load_model`` plus toy weights folders (as written by ``pure-fast apply --model toy``)."""
     from ..adapters import load_model
 
-    if spec not in (None, "toy") and is_toy_folder(os.fspath(spec)):
-        from ..adapters.loading import parse_device, parse_dtype
-        from ..adapters.toy import load_toy
-
-        adapter = load_toy(device=parse_device(device), dtype=parse_dtype(dtype) or torch.float32, weights_dir=spec)
-        adapter.source = {"model": os.path.abspath(spec), "config": None}
-        return adapter
-    return load_model(spec, config=config, device=device, dtype=dtype)
+    return load_model(spec, config=config, device=device, dtype=dtype)  # toy folders included
 
 
 def unet_weight_files(folder: str) -> list[str]:
