@@ -163,14 +163,14 @@ def _combine_shared(edits):
 def _combine_sparse(edits):
     from .sparse import SparseWeightsEdit
 
-    csr: dict = {}
+    stored: dict = {}
     shapes: dict = {}
-    for e in edits:  # later edits replace what earlier ones wrote
-        for n, parts in e.csr.items():
+    for e in edits:  # later edits replace what earlier ones wrote (CSR- or dense-stored alike)
+        for n, item in e.stored().items():
             if n in shapes and tuple(shapes[n]) != tuple(e.shapes[n]):
                 raise EditFileError(f"{n}: the edits disagree on its shape ({shapes[n]} vs {e.shapes[n]})")
-            csr[n], shapes[n] = parts, tuple(e.shapes[n])
-    return SparseWeightsEdit(csr=csr, shapes=shapes, **_common(edits))
+            stored[n], shapes[n] = item, tuple(e.shapes[n])
+    return SparseWeightsEdit.from_stored(stored, shapes, **_common(edits))
 
 
 @combiner("patch")

@@ -13,13 +13,25 @@ Choices (options; recorded in ``edit.options``):
 
 - the UCE part: every UCE option (``lam``, ``erase_scale``, ``preserve_scale``, ``guide``, ``token_mode``,
   ``prompts``, ``edit_keys``, ``edit_values``) with UCE's defaults and conventions;
-- ``mu`` = 0.02: an entry in a text direction that no erase / preserve token touches is zeroed when
-  ``|W0_ij| <= μ / (2λ)`` (there the problem is ``λ (w - w0)² + μ |w|``), so μ is on the scale of the
-  weights' entries (SD's K/V entries are a few 1e-2); the paper tunes μ per task by grid search;
-- ``max_iter`` = 500, ``tol`` = 1e-5 (relative change ``||W_k - W_{k-1}|| / ||W_k||`` over a group). On the
-  toy model (κ(M) ≈ 360) the zero fraction saturates by ~200 iterations and the objective is within 5e-7
-  (relative) of its 3000-iteration value at 500; in float32 the relative change stalls near 1e-6, so a
-  smaller tol only spends ``max_iter``;
+- μ, scale-free by default: ``target_sparsity`` = 0.85 (the middle of the 80-90 % zeros the paper reports on
+  SDXL) with ``mu`` = None. The right absolute μ depends on the weights' scale (an entry in a text direction
+  no erase / preserve token touches is zeroed when ``|W0_ij| <= μ / (2λ)``): on the toy model μ = 0.02 gives
+  34 % zeros and μ = 0.1 gives 88 %, on tiny SDXL 0.2 gives 86 %, so no absolute default suits SD1.5, SDXL
+  and the toy model at once, and a user asking for "SPACE" expects the paper's sparsity, not an arbitrary
+  one. So μ is searched: a first guess from the coordinate-wise rule (an entry is zero at the optimum of its
+  own 1-D problem, the others held at UCE's solution, iff ``2 M_jj |W_u,ij| <= μ``; μ = the target quantile
+  of those values), then at most ``max_solves`` = 8 solves, each warm-started at the previous solution,
+  moving μ by a secant (then regula falsi once bracketed) in that quantile coordinate, until the zero
+  fraction of all edited weights together is within ``sparsity_tol`` = 0.02 of the target. One μ serves
+  every layer (the paper's single objective); groups may end at different sparsities (``stats["fista"]``).
+  If no solve lands inside the tolerance the one closest to the target is kept (``stats["mu_search"]``
+  lists every solve: μ, zero fraction, iterations). Measured: toy model 3 solves, 84.0 % zeros; tiny SDXL 1
+  solve, 86.4 %. ``mu`` (absolute, >= 0) overrides the search (one solve; 0 gives UCE). ``mu_used`` in
+  ``edit.options`` and ``stats["mu"]`` record the μ of the returned solution;
+- ``max_iter`` = 500, ``tol`` = 1e-5 (relative change ``||W_k - W_{k-1}|| / ||W_k||`` over a group) and
+  ``restart`` = True (``ops.fista``: O'Donoghue-Candès gradient restart of the momentum). On the toy model
+  (κ(M) ≈ 360) plain FISTA needs 575 / 1049 iterations to reach 1e-5 at μ = 0.02 / 0.1; with restart
+  96 / 150. ``restart=False`` gives plain FISTA;
 - ``warm_start`` = ``uce``: FISTA starts at UCE's solution ``W0 A`` (the μ = 0 optimum, one thin product).
   Measured on the toy model it needs the same number of iterations as the paper's start at W0
   (``original``: the UCE change is low rank, so the two starts are close), but at μ = 0 it is exact at once;
@@ -27,6 +39,10 @@ Choices (options; recorded in ``edit.options``):
   reference (exact comparisons, tests);
 - ``storage_dtype`` = ``float16``: values of the CSR file (what SD checkpoints ship in; zeros of the fp16
   cast are dropped); ``float32`` keeps the solver's values;
+- ``storage_layout`` = ``auto``: per weight, CSR when it is smaller than the dense matrix in the storage
+  dtype, else dense (``edits.sparse``): at low sparsity (below ~35 % zeros with fp16 values) CSR would be
+  bigger than the dense weight, so a SPACE file is never bigger than the weights dense in fp16; ``csr`` /
+  ``dense`` force one layout;
 - ``max_elements`` = 2**27: a shape group larger than this is solved in chunks of layers (memory bound;
   the result is the same problem, chunk by chunk);
 - ``history_every`` = 10: every 10th iteration (and the first and last) the objective F(W_k) (float64,
@@ -35,7 +51,8 @@ Choices (options; recorded in ``edit.options``):
   float64, so recording every iteration (``history_every=1``) makes the solve ~4x slower on a CPU; 0 turns
   the history off.
 
-The edit stores the resulting weights as CSR (:class:`~pure_fast.edits.sparse.SparseWeightsEdit`).
+The edit stores the resulting weights as CSR, or dense where CSR does not pay
+(:class:`~pure_fast.edits.sparse.SparseWeightsEdit`).
 """
 from __future__ import annotations
 
@@ -47,7 +64,7 @@ import torch
 
 from ..edits.edit import kv_weights
 from ..edits.shared import group_by_shape
-from ..edits.sparse import SparseWeightsEdit
+from ..edits.sparse import LAYOUTS, SparseWeightsEdit
 from ..errors import UsageError
 from ..ops.fista import fista_objective, fista_solve, lambda_max
 from ..progress import progress_bar
@@ -58,20 +75,38 @@ _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch
 
 @dataclass
 class SpaceOptions(UCEOptions):
-    mu: float = 0.02
+    mu: float | None = None
+    target_sparsity: float = 0.85
+    sparsity_tol: float = 0.02
+    max_solves: int = 8
     max_iter: int = 500
     tol: float = 1e-5
+    restart: bool = True
     warm_start: str = "uce"
     precision: str = "float32"
     storage_dtype: str = "float16"
+    storage_layout: str = "auto"
     max_elements: int = 2**27
     history_every: int = 10
 
     def validate(self) -> None:
         super().validate()
         mu = self.mu
-        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not (0 <= mu < math.inf):
-            raise UsageError(f"mu={mu!r} is out of range; use a finite number >= 0 (the L1 weight; 0 gives UCE)")
+        if mu is not None and (isinstance(mu, bool) or not isinstance(mu, (int, float)) or not (0 <= mu < math.inf)):
+            raise UsageError(f"mu={mu!r} is out of range; use a finite number >= 0 (the absolute L1 weight; 0 gives "
+                             "UCE), or leave it unset to reach target_sparsity")
+        ts = self.target_sparsity
+        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not (0 < ts < 1):
+            raise UsageError(f"target_sparsity={ts!r} is out of range; use a fraction of zero entries in (0, 1) "
+                             "(the paper reports 0.8-0.9)")
+        st = self.sparsity_tol
+        if isinstance(st, bool) or not isinstance(st, (int, float)) or not (0 < st < 0.5):
+            raise UsageError(f"sparsity_tol={st!r} is out of range; use a number in (0, 0.5)")
+        ms = self.max_solves
+        if isinstance(ms, bool) or not isinstance(ms, int) or not 1 <= ms <= 50:
+            raise UsageError(f"max_solves={ms!r} is out of range; use an integer in [1, 50]")
+        if not isinstance(self.restart, bool):
+            raise UsageError(f"restart={self.restart!r} is not valid; use true or false")
         if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or not 1 <= self.max_iter <= 1_000_000:
             raise UsageError(f"max_iter={self.max_iter!r} is out of range; use an integer in [1, 1000000]")
         t = self.tol
@@ -83,6 +118,8 @@ class SpaceOptions(UCEOptions):
             raise UsageError(f"precision={self.precision!r} is not valid; use float32 or float64")
         if self.storage_dtype not in _DTYPES:
             raise UsageError(f"storage_dtype={self.storage_dtype!r} is not valid; use {', '.join(_DTYPES)}")
+        if self.storage_layout not in LAYOUTS:
+            raise UsageError(f"storage_layout={self.storage_layout!r} is not valid; use {', '.join(LAYOUTS)}")
         h = self.history_every
         if isinstance(h, bool) or not isinstance(h, int) or h < 0:
             raise UsageError(f"history_every={h!r} is out of range; use an integer >= 0 (0: no history)")
@@ -93,61 +130,149 @@ class SpaceOptions(UCEOptions):
 OPTIONS = SpaceOptions
 
 
+def _chunks(weights, opts):
+    chunks = []
+    for shape, names in group_by_shape(weights).items():
+        per = max(1, opts.max_elements // max(1, shape[0] * shape[1]))
+        chunks += [(shape, names[i : i + per]) for i in range(0, len(names), per)]
+    return chunks
+
+
+def _solve_all(weights, chunks, M, B, mu, opts, warm, A, bar, solve_index, lam_max):
+    """One SPACE solve at a fixed μ for every chunk; ``warm``: name -> start (else UCE's W0 A / W0)."""
+    work = torch.float64 if opts.precision == "float64" else torch.float32
+    out, stats = {}, []
+    for shape, names in chunks:
+        dev = weights[names[0]].device
+        W0 = torch.stack([weights[n].detach().to(dev, torch.float64) for n in names])
+        N = (W0 @ B.to(dev)).to(work)
+        if warm is not None:
+            start = torch.stack([warm[n].to(dev, work) for n in names])
+        else:
+            start = (W0 @ A.to(dev)).to(work) if opts.warm_start == "uce" else None
+        t0 = time.perf_counter()
+        Mw = M.to(dev, work)
+        every = int(opts.history_every)
+        hist_k, hist_f, hist_z = [], [], []
+        numel = W0.numel()
+
+        def record(k, W):
+            hist_k.append(k)
+            hist_f.append(float(f"{fista_objective(W, Mw, N, mu):.10g}"))
+            hist_z.append(round(1.0 - int(torch.count_nonzero(W)) / numel, 6))
+
+        done = [0]
+
+        def cb(k, W, rel):
+            bar.update(1)
+            done[0] = k
+            if every and (k == 1 or k % every == 0):
+                record(k, W)
+            if k % 10 == 0:
+                bar.set_postfix_str(f"{shape[0]}x{shape[1]} mu {mu:.3g} rel {rel:.2e}")
+
+        res = fista_solve(W0.to(work), Mw, N, mu, max_iter=opts.max_iter, tol=float(opts.tol), warm_start=start,
+                          callback=cb, history=False, reference=work == torch.float64, restart=opts.restart)
+        if every and (not hist_k or hist_k[-1] != res.iterations):
+            record(res.iterations, res.W)
+        bar.update(opts.max_iter - done[0])
+        for j, n in enumerate(names):
+            out[n] = res.W[j]
+        stats.append({
+            "shape": list(shape), "weights": len(names), "mu": mu, "solve": solve_index,
+            "iterations": res.iterations, "converged": res.converged, "rel_change": res.rel_change,
+            "restarts": res.restarts, "lipschitz": res.lipschitz, "lambda_max": lam_max,
+            "zero_fraction": res.zero_fraction, "time_s": time.perf_counter() - t0,
+            "history_iterations": hist_k, "objective": hist_f, "sparsity": hist_z,
+        })
+    return out, stats
+
+
+def _zero_fraction(out: dict) -> float:
+    total = sum(w.numel() for w in out.values())
+    return 1.0 - sum(int(torch.count_nonzero(w)) for w in out.values()) / total if total else 0.0
+
+
+class _Predictor:
+    """μ ↔ zero fraction by the coordinate-wise (diagonal) rule, used to place the μ search.
+
+    Fix every entry of row i but ``w_ij`` at UCE's solution ``W_u = N M⁻¹``: the 1-D problem
+    ``M_jj w² - 2 w r + μ|w|`` with ``r = N_ij - Σ_{k≠j} W_u,ik M_kj = M_jj W_u,ij`` has its minimum at 0 iff
+    ``2 M_jj |W_u,ij| <= μ``. So the fraction of entries with ``s_ij = 2 M_jj |W_u,ij| <= μ`` predicts the
+    zero fraction at μ (exact when M is diagonal); ``mu_at(q)`` is the q-quantile of s (over a strided sample
+    of at most 2**22 entries of every weight)."""
+
+    def __init__(self, weights, A, M, cap=2**22):
+        total = sum(w.numel() for w in weights.values())
+        stride = max(1, -(-total // cap))
+        diag = 2.0 * torch.diagonal(M).to(torch.float64)
+        parts = []
+        for w in weights.values():
+            s = (w.detach().to(torch.float64) @ A.to(w.device)).abs_() * diag.to(w.device)
+            parts.append(s.flatten()[::stride].cpu())
+        self.s = torch.sort(torch.cat(parts)).values
+
+    def mu_at(self, q: float) -> float:
+        n = self.s.numel()
+        q = min(max(q, 0.5 / n), 1.0 - 0.5 / n)
+        return float(self.s[min(n - 1, max(0, int(q * n)))])
+
+
 def space_solve(weights: dict[str, torch.Tensor], M: torch.Tensor, B: torch.Tensor, opts: SpaceOptions,
                 A: torch.Tensor | None = None, progress: bool = True) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Solve SPACE for every weight (name -> [d_out, d_in]); returns (name -> W in the work dtype, per-chunk
-    stats). ``A``: UCE's right matrix for the warm start (computed from M, B when None)."""
-    work = torch.float64 if opts.precision == "float64" else torch.float32
-    groups = group_by_shape(weights)
-    if A is None and opts.warm_start == "uce":
+    stats of the returned solve; each carries ``mu``, and, when μ was searched, ``search``: one record per
+    solve ``{mu, zero_fraction, iterations}``). ``A``: UCE's right matrix (computed from M, B when None).
+
+    With ``opts.mu`` set, one solve at that μ. Otherwise μ is searched for ``opts.target_sparsity`` (module
+    docstring): at most ``max_solves`` solves, each warm-started at the previous solution."""
+    if A is None:
         A = torch.linalg.solve(M, B.T).T  # B M^{-1} (M symmetric)
-    chunks = []
-    for shape, names in groups.items():
-        per = max(1, opts.max_elements // max(1, shape[0] * shape[1]))
-        chunks += [(shape, names[i : i + per]) for i in range(0, len(names), per)]
+    chunks = _chunks(weights, opts)
     lam_max = lambda_max(M)
-    out, stats = {}, []
-    with progress_bar(total=len(chunks) * opts.max_iter, desc="SPACE (FISTA)", enabled=progress) as bar:
-        for shape, names in chunks:
-            dev = weights[names[0]].device
-            W0 = torch.stack([weights[n].detach().to(dev, torch.float64) for n in names])
-            N = (W0 @ B.to(dev)).to(work)
-            warm = (W0 @ A.to(dev)).to(work) if opts.warm_start == "uce" else None
-            t0 = time.perf_counter()
-            Mw = M.to(dev, work)
-            every = int(opts.history_every)
-            hist_k, hist_f, hist_z = [], [], []
-            numel = W0.numel()
-
-            def record(k, W):
-                hist_k.append(k)
-                hist_f.append(float(f"{fista_objective(W, Mw, N, float(opts.mu)):.10g}"))
-                hist_z.append(round(1.0 - int(torch.count_nonzero(W)) / numel, 6))
-
-            done = [0]
-
-            def cb(k, W, rel):
-                bar.update(1)
-                done[0] = k
-                if every and (k == 1 or k % every == 0):
-                    record(k, W)
-                if k % 10 == 0:
-                    bar.set_postfix_str(f"{shape[0]}x{shape[1]} rel {rel:.2e}")
-
-            res = fista_solve(W0.to(work), Mw, N, float(opts.mu), max_iter=opts.max_iter,
-                              tol=float(opts.tol), warm_start=warm, callback=cb, history=False,
-                              reference=work == torch.float64)
-            if every and (not hist_k or hist_k[-1] != res.iterations):
-                record(res.iterations, res.W)
-            bar.update(opts.max_iter - done[0])
-            for j, n in enumerate(names):
-                out[n] = res.W[j]
-            stats.append({
-                "shape": list(shape), "weights": len(names), "iterations": res.iterations,
-                "converged": res.converged, "rel_change": res.rel_change, "lipschitz": res.lipschitz,
-                "lambda_max": lam_max, "zero_fraction": res.zero_fraction, "time_s": time.perf_counter() - t0,
-                "history_iterations": hist_k, "objective": hist_f, "sparsity": hist_z,
-            })
+    solves = 1 if opts.mu is not None else int(opts.max_solves)
+    with progress_bar(total=len(chunks) * opts.max_iter * solves, desc="SPACE (FISTA)", enabled=progress) as bar:
+        if opts.mu is not None:
+            out, stats = _solve_all(weights, chunks, M, B, float(opts.mu), opts, None, A, bar, 0, lam_max)
+            return out, stats
+        target, slack = float(opts.target_sparsity), float(opts.sparsity_tol)
+        pred = _Predictor(weights, A, M)
+        q = target
+        lo = hi = None  # (q, zero fraction) with zero fraction below / above the target
+        best, search, warm, seen = None, [], None, []
+        rounds = 0
+        for r in range(solves):
+            rounds += 1
+            mu = pred.mu_at(q)
+            out, stats = _solve_all(weights, chunks, M, B, mu, opts, warm, A, bar, r, lam_max)
+            z = _zero_fraction(out)
+            search.append({"mu": mu, "zero_fraction": round(z, 6),
+                           "iterations": max(s["iterations"] for s in stats)})
+            seen.append((q, z))
+            if best is None or abs(z - target) < abs(best[2] - target):
+                best = (out, stats, z)
+            if abs(z - target) <= slack:
+                break
+            warm = out
+            if z < target:
+                lo = (q, z) if lo is None or q > lo[0] else lo
+            else:
+                hi = (q, z) if hi is None or q < hi[0] else hi
+            if lo is not None and hi is not None:  # regula falsi in the predictor's quantile coordinate
+                q_new = lo[0] + (target - lo[1]) * (hi[0] - lo[0]) / max(hi[1] - lo[1], 1e-12)
+                if not lo[0] < q_new < hi[0] or pred.mu_at(q_new) in (pred.mu_at(lo[0]), pred.mu_at(hi[0])):
+                    q_new = 0.5 * (lo[0] + hi[0])
+            elif len(seen) >= 2 and seen[-1][1] != seen[-2][1]:  # secant through the last two solves
+                (q1, z1), (q2, z2) = seen[-2], seen[-1]
+                slope = (z2 - z1) / (q2 - q1) if q2 != q1 else 0.0
+                q_new = q2 + (target - z2) / slope if slope > 0 else q2 + (target - z2)
+            else:  # shift the predictor's level by the error seen
+                q_new = q + (target - z)
+            q = min(max(q_new, 0.0), 1.0)
+        bar.update((solves - rounds) * len(chunks) * opts.max_iter)
+    out, stats, z = best
+    for s in stats:
+        s["search"] = search
     return out, stats
 
 
@@ -172,12 +297,15 @@ def make_edit(adapter, forget, retain, f_prompts, r_prompts, options=None, progr
     t0 = time.perf_counter()
     meta = options_meta(opts)
     meta["preserve_scale_used"] = s_p
+    meta["mu_used"] = fista_stats[0]["mu"] if fista_stats else opts.mu
+    search = [s.pop("search", []) for s in fista_stats][0] if fista_stats else []
     stats = {"timings": timings, "erase_tokens": int(tok.C_e.shape[0]), "preserve_tokens": int(tok.C_p.shape[0]),
-             "fista": fista_stats,
+             "fista": fista_stats, "mu": meta["mu_used"],
+             "mu_search": search,
              "iterations": max((s["iterations"] for s in fista_stats), default=0),
              "converged": all(s["converged"] for s in fista_stats)}
     edit = SparseWeightsEdit.from_dense(
-        {n: solved[n] for n in names}, storage_dtype=_DTYPES[opts.storage_dtype],
+        {n: solved[n] for n in names}, storage_dtype=_DTYPES[opts.storage_dtype], layout=opts.storage_layout,
         method="space", family=adapter.family, concepts={"forget": forget, "retain": retain},
         options=meta, stats=stats,
     )
