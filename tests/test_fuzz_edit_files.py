@@ -365,3 +365,23 @@ def test_same_size_dtype_swaps(good, unet, dtype):
     info["dtype"] = dtype
     info["shape"] = [info["shape"][0], info["shape"][1] * 4 // size]
     assert _outcome(_join(header, payload), unet, folder) == "rejected"
+
+
+def test_huge_declared_weight_refused_before_decoding(good_kind, unet):
+    """A CSR (or any) weight declared 2^19 x 2^19 would decode to 1 TiB: refused from the header alone."""
+    raw, _, folder = good_kind
+    header, payload = _split(raw)
+    meta = json.loads(header["__metadata__"]["pure_fast"])
+    name = sorted(meta["weights"])[0]
+    meta["weights"][name] = [2**19, 2**19]
+    header["__metadata__"]["pure_fast"] = json.dumps(meta)
+    from pure_fast.edits.io import load_edit
+
+    fd, path = tempfile.mkstemp(suffix=".safetensors", dir=folder)
+    with os.fdopen(fd, "wb") as f:
+        f.write(_join(header, payload))
+    try:
+        with pytest.raises(EditFileError, match="larger than any supported"):
+            load_edit(path)
+    finally:
+        os.unlink(path)

@@ -7,7 +7,8 @@ one line naming the file and the first problem:
    shape and data offsets inside the file; then safetensors itself checks sizes against dtypes);
 2. the metadata schema: required fields and their JSON types, optional fields' types, fingerprints as
    string maps, ``concepts['forget'|'retain'|'retain_prompts']`` as lists of strings, a supported format,
-   version and kind, at most ``MAX_WEIGHTS`` weights each with a 2-D shape of positive ints < 2**20;
+   version and kind, at most ``MAX_WEIGHTS`` weights each with a 2-D shape of positive ints < 2**20 and at
+   most ``MAX_WEIGHT_ELEMENTS`` elements (a CSR weight is decoded densely: this bounds the allocation);
 3. tensor dtypes (floats only for low-rank edits; int16/32/64 also allowed for CSR indices) and finite
    values (NaN/Inf refused);
 4. the kind's own ``from_tensors``: tensor names, shapes that make the declared change, no extra tensors.
@@ -34,6 +35,8 @@ TENSOR_DTYPES = FLOAT_DTYPES + (torch.int16, torch.int32, torch.int64)  # intege
 FLOAT_ONLY_KINDS = ("lowrank",)
 LIST_OF_STR_CONCEPTS = ("forget", "retain", "retain_prompts")
 MAX_WEIGHTS = 4096  # SDXL has 140 K/V weights; a header listing more is not an edit for any supported model
+MAX_WEIGHT_ELEMENTS = 1 << 26  # 64 Mi elements; SDXL's largest K/V weight has 1280 x 2048 = 2.6 Mi (a CSR edit
+#                                is decoded densely, so this bounds what a hostile header can make us allocate)
 
 
 def save_edit(edit: Edit, path: str) -> str:
@@ -75,6 +78,9 @@ def parse_meta(raw: dict, path: str) -> dict:
     for name, shape in meta["weights"].items():
         if not (isinstance(shape, list) and len(shape) == 2 and all(type(s) is int and 0 < s < 1 << 20 for s in shape)):
             raise EditFileError(f"{path}: weight {name!r} has an invalid shape {shape!r}")
+        if shape[0] * shape[1] > MAX_WEIGHT_ELEMENTS:
+            raise EditFileError(f"{path}: weight {name!r} of shape {shape} is larger than any supported K/V weight "
+                                f"({MAX_WEIGHT_ELEMENTS} elements); refusing to decode it")
     return meta
 
 
