@@ -27,9 +27,10 @@ import torch  # noqa: E402
 import common  # noqa: E402
 
 README = BENCH_DIR / "README.md"
-# benchmarks left out of a default CPU run (still run with --only NAME); each with the reason
-SKIP_ON_CPU = {
-    "pure_stages": "SD1.5 at 256 px takes 5-15 min on 2 CPU cores; bench_end_to_end covers the stages",
+# benchmarks left out of a default run (still run with --only NAME), per device, with the reason
+SKIP_BY_DEFAULT = {
+    "cpu": {"pure_stages": "SD1.5 at 256 px takes 5-15 min on 2 CPU cores; bench_end_to_end covers the stages"},
+    "cuda": {"pure_stages": "bench_end_to_end covers the same runs with verification and the collection floor"},
 }
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -138,10 +139,10 @@ def main(argv=None) -> int:
         print(f"unknown benchmark(s) {unknown}; found {sorted(found)}", file=sys.stderr)
         return 2
     selected = {k: v for k, v in found.items() if not wanted or k in wanted}
-    if args.device == "cpu" and not wanted:
-        for name, why in SKIP_ON_CPU.items():
+    if not wanted:
+        for name, why in SKIP_BY_DEFAULT.get(args.device, {}).items():
             if selected.pop(name, None) is not None:
-                common.log(f"== bench_{name}: skipped on CPU ({why}); run it with --only {name}")
+                common.log(f"== bench_{name}: skipped by default on {args.device} ({why}); run it with --only {name}")
 
     env = common.environment(args.device)
     out_path = results_path(args.device)
