@@ -434,3 +434,22 @@ def test_combine_with_dense_stored_weights(tiny_sd1):
     first.revert(ad)
     assert all(torch.equal(combined[k], sequential[k]) for k in before)
     assert all(torch.equal(before[k], v) for k, v in _snapshot(ad).items())
+
+
+def test_cli_target_sparsity(tiny_sd1_dir, tmp_path, capsys):
+    from pure_fast.cli import main
+
+    out = str(tmp_path / "space.safetensors")
+    rc = main(["erase", "--model", tiny_sd1_dir, "--method", "space", "--forget", "Van Gogh", "--retain",
+               "Claude Monet", "--option", "target_sparsity=0.9", "--out", out, "--quiet"])
+    assert rc == 0
+    capsys.readouterr()
+    assert main(["inspect", out, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["options"]["mu"] is None and info["options"]["target_sparsity"] == 0.9
+    assert abs(info["zero_fraction"] - 0.9) <= 0.021 and info["options"]["mu_used"] == info["stats"]["mu"] > 0
+    assert info["tensor_bytes"] <= info["dense_fp16_bytes"] and info["dense_stored"] + info["csr_stored"] > 0
+    assert main(["erase", "--model", tiny_sd1_dir, "--method", "space", "--forget", "X", "--option",
+                 "target_sparsity=1.5", "--out", str(tmp_path / "bad.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "target_sparsity=1.5" in err and len(err.strip().splitlines()) == 1
