@@ -352,3 +352,31 @@ def test_in_place_failure_while_replacing_leaves_folder_and_no_revert_file(model
     assert main(["apply", "--model", d, "--edit", edits["a"], "--in-place", "--revert-file", rf]) == 1
     assert "No space left" in capsys.readouterr().err
     assert _hashes(d) == before and not os.path.exists(rf) and len(calls) == 3  # 2 files tried, 1 put back
+
+
+def test_bench_swap_edits_verify_on_a_tiny_unet(tiny_sd1, monkeypatch):
+    """bench/bench_swap.py's edits of every kind pass its own verification (apply ≤ 1 ulp of the formula,
+    bit-exact revert) on a tiny UNet, and a broken revert would be caught."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_swap.py"
+    spec = importlib.util.spec_from_file_location("bench_swap_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    unet = copy.deepcopy(tiny_sd1.unet)
+    edits = mod._build_edits(unet, "sd1")
+    assert set(edits) == {"lowrank", "shared_right", "csr_weights", "patch"}
+    for e in edits.values():
+        assert "revert bit-exact" in mod._verify(e, unet)
+    e = edits["lowrank"]
+    real_revert = type(e).revert
+
+    def sloppy_revert(self, model):
+        real_revert(self, model)
+        with torch.no_grad():
+            next(iter(kv_weights(model).values())).add_(1e-3)
+
+    monkeypatch.setattr(type(e), "revert", sloppy_revert)
+    with pytest.raises(AssertionError, match="not bit-exact"):
+        mod._verify(e, unet)
