@@ -158,7 +158,7 @@ class Edit:
         if stack and stack[-1].edit.result_fingerprint:
             top = stack[-1].edit.result_fingerprint
             if any(top.get(k) and top.get(k) == self.base_fingerprint.get(k) for k in ("float16", "bfloat16")) or (
-                top.get("exact") == self.base_fingerprint.get("exact")
+                top.get("exact") and top.get("exact") == self.base_fingerprint.get("exact")
             ):
                 return
         if fp.matches(self.base_fingerprint, weights):
