@@ -95,3 +95,19 @@ def load_toy(device="cpu", dtype=torch.float32, weights_dir: str | Path | None =
     if size:
         adapter.default_size = adapter.default_collect_size = int(size)
     return adapter
+
+
+def weights_available(weights_dir: str | Path | None = None) -> bool:
+    """True when the toy model can be loaded here: its weights (config.json + unet.safetensors), the
+    detector weights, and the MiniLM text encoder package are all present. Loads nothing."""
+    from ..toy.model import WEIGHTS_DIR
+
+    d = Path(weights_dir) if weights_dir else WEIGHTS_DIR
+    if not all((d / n).is_file() for n in ("config.json", "unet.safetensors", "detector.safetensors")):
+        return False
+    try:
+        from ..toy.text import model_dir
+
+        return Path(model_dir()).is_dir()
+    except Exception:  # noqa: BLE001 - ModelLoadError or a broken install: not available
+        return False

@@ -42,6 +42,25 @@ class PureOptions:
     edit_values: bool = True
     collect: CollectOptions = field(default_factory=CollectOptions)
 
+    # Thresholds measured on the toy world (pure_fast/evaluate/toy_bench.py; retain = the two following
+    # members; the benchmark's quick settings at 6 DDIM steps). H-mean (target anchor/held-out, quality):
+    #   (forget, retain)  red               star              stripes           blue
+    #   (0.95, 0.95)      0.00 (1.0/1.0)    0.35 (1.0/0.75)   -                 -
+    #   (0.99, 0.8)       0.10 (q 0.03)     0.82 (q 0.57)     0.96              0.00 (q 0.25)
+    #   (0.99, 0.9)       0.65 (1.0/0.25)   0.94 (0.0/0.25)   0.97 (0.0/0.0)    0.00 (1.0/1.0)   <- chosen
+    #   (0.999, 0.8)      0.17 (q 0.05)     0.63 (q 0.31)     0.94              -
+    # (0.999, 0.5) erases most (red 0.33/0.0, star 0/0) but ruins the other attributes and quality
+    # (red: other-attribute accuracy 0.62, quality 0.0); forget 1.0 takes the neighbours with it.
+    TOY_THRESHOLDS = {"forget_threshold": 0.99, "retain_threshold": 0.9}
+
+    @classmethod
+    def for_category(cls, category: str | None, **kw) -> "PureOptions":
+        """Defaults for a concept category: the toy world's (shape, colour, background) use
+        ``TOY_THRESHOLDS``; every other category keeps the class defaults. Keyword arguments override."""
+        base = dict(cls.TOY_THRESHOLDS) if (category or "").lower() in ("shape", "colour", "background") else {}
+        base.update(kw)
+        return cls(**base)
+
     def validate(self) -> None:
         for name in ("forget_threshold", "retain_threshold"):
             v = getattr(self, name)

@@ -1,0 +1,302 @@
+"""Evaluation subcommands on the toy world: ``eval``, ``bench-quality``, ``probe``.
+
+- ``pure-fast eval --model toy --method M [--method M2 | all] --forget C [...] [--retain C ...] --out-dir DIR
+  [--seeds N] [--steps N] [--quick]``: erase the forget concepts with each method (one edit for all of
+  them), measure every forget concept (and the unedited model, method 'none'), write ``eval.json``,
+  ``eval.png`` (terms and H-mean), ``samples_<method>_<concept>.png`` (before | after) and the edit files.
+- ``pure-fast bench-quality [--out-dir bench/results] [--quick] [--method M ...]``: every available method
+  (and 'none') on 3 concepts per category; writes ``quality.md``, ``quality.json``, ``quality.png``.
+- ``pure-fast probe [--out-dir bench/results] [--quick]``: the linear-probe comparison of papers/000 Fig. 2
+  (text-embedding basis vs cross-attention-activation basis); writes ``probe.md/json/png``.
+
+Only the toy model is supported (the detectors know the toy world only): ``--model`` must be absent or
+``toy``. Outputs go to a temporary folder that replaces ``--out-dir``'s files only when everything worked.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+
+from .errors import UsageError
+
+
+def _check_toy(args) -> None:
+    if args.model not in (None, "toy"):
+        raise UsageError(f"--model {args.model}: the toy-world evaluation only runs on the toy model; "
+                         "omit --model or pass --model toy")
+
+
+def _command_line(args) -> str:
+    """The command as typed, rebuilt from the parsed arguments (main() may be called with its own argv)."""
+    parts = ["pure-fast", args.command]
+    for key in ("model", "method", "forget", "retain", "out_dir", "seeds", "steps", "batch_size", "threads"):
+        v = getattr(args, key, None)
+        if v is None or v == []:
+            continue
+        flag = "--" + key.replace("_", "-")
+        for item in (v if isinstance(v, list) else [v]):
+            parts += [flag, shlex.quote(str(item))]
+    if getattr(args, "quick", False):
+        parts.append("--quick")
+    return " ".join(parts)
+
+
+def _settings(args):
+    from .evaluate.toy_bench import EvalSettings
+
+    s = EvalSettings.quick() if args.quick else EvalSettings()
+    kw = {}
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise UsageError(f"--seeds {args.seeds} must be >= 1")
+        kw["seeds"] = tuple(range(args.seeds))
+    if args.steps is not None:
+        if not 1 <= args.steps <= 1000:
+            raise UsageError(f"--steps {args.steps} is out of range; use [1, 1000]")
+        kw["steps"] = args.steps
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise UsageError(f"--batch-size {args.batch_size} must be >= 1")
+        kw["batch_size"] = args.batch_size
+    from dataclasses import replace
+
+    s = replace(s, **kw)
+    s.validate()
+    return s
+
+
+def _threads(args) -> None:
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads {args.threads} must be >= 1")
+        torch.set_num_threads(args.threads)
+
+
+def _check_methods(names: list[str], allow_all: bool = True) -> tuple[list[str], dict]:
+    from .evaluate.toy_bench import available_methods
+    from .methods import METHODS
+
+    ok, missing = available_methods()
+    if not names or (allow_all and "all" in names):
+        return ok, missing
+    for m in names:
+        if m != "none" and m not in METHODS:
+            raise UsageError(f"unknown method {m!r}; choose from none, {', '.join(METHODS)}, all")
+        if m in missing:
+            raise UsageError(f"method {m!r} is not available here ({missing[m]})")
+    return list(dict.fromkeys(names)), {}
+
+
+def _check_concepts(forget: list[str], retain: list[str]) -> None:
+    from .toy import world
+
+    known = world.all_concepts()
+    for c in forget + retain:
+        if c not in known:
+            raise UsageError(f"unknown toy concept {c!r}; known: {', '.join(known)}")
+    if not forget:
+        raise UsageError("no forget concept given; pass at least one --forget CONCEPT")
+    dup = sorted({c for c in forget if forget.count(c) > 1} | {c for c in retain if retain.count(c) > 1})
+    if dup:
+        raise UsageError(f"duplicate concept(s): {', '.join(dup)}")
+    both = sorted(set(forget) & set(retain))
+    if both:
+        raise UsageError(f"concept(s) both forgotten and retained: {', '.join(both)}")
+
+
+def _fresh_out_dir(path: str):
+    """A temp folder beside ``path``; the caller moves its files into ``path`` at the end."""
+    import tempfile
+
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise UsageError(f"the parent of --out-dir ({parent}) does not exist; create it first")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--out-dir {path} exists and is not a folder")
+    return path, tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+
+
+def _publish(tmp: str, out: str) -> list[str]:
+    """Move every file of ``tmp`` into ``out`` (created if needed), replacing same-named files."""
+    import shutil
+
+    os.makedirs(out, exist_ok=True)
+    names = sorted(os.listdir(tmp))
+    for n in names:
+        os.replace(os.path.join(tmp, n), os.path.join(out, n))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return names
+
+
+def cmd_eval(args) -> int:
+    import shutil
+
+    _check_toy(args)
+    forget, retain = list(args.forget), list(args.retain)
+    _check_concepts(forget, retain)
+    methods, _ = _check_methods(args.method or ["pure"])
+    settings = _settings(args)
+    _threads(args)
+    out, tmp = _fresh_out_dir(args.out_dir)
+    try:
+        from .adapters import load_model
+        from .evaluate import report, toy_bench
+
+        t0 = time.perf_counter()
+        progress = not args.quiet
+        adapter = load_model("toy", device=args.device)
+        retain = retain or toy_bench.default_retain(forget)
+        results = []
+        base = toy_bench.evaluate_method(adapter, "none", forget, retain, settings, progress=progress,
+                                         keep_images=True)
+        results.append(base)
+        for m in methods:
+            if m == "none":
+                continue
+            r = toy_bench.evaluate_method(adapter, m, forget, retain, settings, progress=progress, keep_images=True)
+            results.append(r)
+            if "error" in r:
+                print(f"pure-fast eval: {m} failed: {r['error']}", file=sys.stderr)
+                continue
+            r["edit"].save(os.path.join(tmp, f"edit_{m}.safetensors"))
+            for c in forget:
+                _, prompts = report.sample_grid(base["concepts"][c], r["concepts"][c],
+                                                os.path.join(tmp, f"samples_{m}_{c}.png"))
+                r["concepts"][c]["grid_prompts"] = prompts
+        report.eval_chart([r for r in results if "concepts" in r], os.path.join(tmp, "eval.png"))
+        doc = {"evaluation": "toy world (pure_fast.evaluate.toy_bench)", "forget": forget, "retain": retain,
+               "settings": settings.to_json(), "results": results, "seconds": round(time.perf_counter() - t0, 1),
+               "provenance": toy_bench.provenance(_command_line(args))}
+        report.write_json(os.path.join(tmp, "eval.json"), doc)
+        names = _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if args.json:
+        import json
+
+        print(json.dumps(toy_bench.json_ready({"out_dir": out, "files": names, "results": [
+            {"method": r["method"], "hmean": r.get("hmean"), "error": r.get("error")} for r in results]})))
+    else:
+        for r in results:
+            if "error" in r:
+                print(f"{r['method']:>9}: failed ({r['error']})")
+                continue
+            for c, cr in r["concepts"].items():
+                print(f"{r['method']:>9} {c:>9}: target anchor {cr['target']['anchor']:.2f} held-out "
+                      f"{cr['target']['heldout']:.2f} | attack {cr['attack']['rate']:.2f} | retention "
+                      f"{cr['retention']['rate']:.2f} | quality {cr['quality']['score']:.2f} | H-mean {cr['hmean']:.3f}")
+        print(f"wrote {', '.join(names)} to {out}")
+    return 0
+
+
+def cmd_bench_quality(args) -> int:
+    import shutil
+
+    _check_toy(args)
+    methods, missing = _check_methods(args.method or [])
+    settings = _settings(args)
+    _threads(args)
+    out, tmp = _fresh_out_dir(args.out_dir)
+    try:
+        from .adapters import load_model
+        from .evaluate import report, toy_bench
+
+        adapter = load_model("toy", device=args.device)
+        bench = toy_bench.bench_quality(adapter, methods, None, settings, progress=not args.quiet,
+                                        command=_command_line(args))
+        bench["unavailable"] = {**missing, **bench.get("unavailable", {})}
+        report.write_bench(bench, tmp)
+        names = _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if args.json:
+        import json
+
+        print(json.dumps({"out_dir": out, "files": names, "hmean": {m: r["hmean"] for m, r in bench["rows"].items()},
+                          "seconds": bench["seconds"]}))
+    else:
+        print(report.quality_markdown(bench).split("\n\nSettings:")[0])
+        print(f"wrote {', '.join(names)} to {out} in {bench['seconds']:.0f} s")
+    return 0
+
+
+def cmd_probe(args) -> int:
+    import shutil
+
+    _check_toy(args)
+    _threads(args)
+    out, tmp = _fresh_out_dir(args.out_dir)
+    try:
+        from .adapters import load_model
+        from .evaluate import probe
+
+        adapter = load_model("toy", device=args.device)
+        res = probe.run_probe(adapter, quick=args.quick, progress=not args.quiet, command=_command_line(args))
+        probe.write_probe(res, tmp)
+        names = _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if args.json:
+        import json
+
+        print(json.dumps({"out_dir": out, "files": names, "summary": res["summary"]}))
+    else:
+        print(probe.markdown(res).split("\n\n## Per concept")[0])
+        print(f"wrote {', '.join(names)} to {out}")
+    return 0
+
+
+def _add_eval_common(p) -> None:
+    p.add_argument("--out-dir", default=None, metavar="DIR")
+    p.add_argument("--quick", action="store_true", help="small settings (1 seed, 4 DDIM steps, fewer prompts)")
+    p.add_argument("--seeds", type=int, default=None, metavar="N", help="evaluation seeds 0..N-1")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps of the evaluation images")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per UNet call")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def add_commands(sub, add_model, add_common) -> None:
+    p = sub.add_parser("eval", help="toy-world benchmark of methods on given concepts")
+    add_model(p)
+    p.add_argument("--method", action="append", default=None, help="none, pure, uce, cure, space, acterase, all "
+                   "(repeatable; default pure); the unedited model is always measured too")
+    p.add_argument("--forget", action="append", default=[], metavar="CONCEPT", help="toy concept to erase")
+    p.add_argument("--retain", action="append", default=[], metavar="CONCEPT",
+                   help="toy concept to keep (default: every other member of the forget concepts' categories)")
+    _add_eval_common(p)
+    add_common(p)
+    p.set_defaults(out_dir_default="eval_out")
+
+    p = sub.add_parser("bench-quality", help="every available method on 3 concepts per toy category")
+    add_model(p)
+    p.add_argument("--method", action="append", default=None, help="restrict to these methods (default: all available)")
+    _add_eval_common(p)
+    add_common(p)
+    p.set_defaults(out_dir_default=os.path.join("bench", "results"))
+
+    p = sub.add_parser("probe", help="linear probe: text-embedding vs cross-attention activation basis (Fig. 2)")
+    add_model(p)
+    _add_eval_common(p)
+    add_common(p)
+    p.set_defaults(out_dir_default=os.path.join("bench", "results"))
+
+
+def _with_out_dir(fn):
+    def run(args):
+        if args.out_dir is None:
+            args.out_dir = args.out_dir_default
+        return fn(args)
+
+    return run
+
+
+COMMANDS = {"eval": _with_out_dir(cmd_eval), "bench-quality": _with_out_dir(cmd_bench_quality),
+            "probe": _with_out_dir(cmd_probe)}
