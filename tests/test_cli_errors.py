@@ -331,3 +331,38 @@ def test_no_unpickling_anywhere_in_the_package():
                 if pattern.search(line.split("#", 1)[0]):
                     hits.append(f"{path.relative_to(root)}:{i}: {line.strip()}")
     assert not hits, "\n".join(hits)
+
+
+def _subcommands():
+    import argparse
+
+    from pure_fast.cli import build_parser
+
+    sub = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)][0]
+    return {name: sp for name, sp in sub.choices.items()}
+
+
+@pytest.mark.parametrize("command", [n for n, sp in _subcommands().items() if any(a.required for a in sp._actions)])
+def test_every_subcommand_without_its_required_options(command, capsys):
+    _check([command], capsys, 2, "required")
+
+
+def test_every_command_that_reads_edits_refuses_pickles(files, tiny_sd1_dir, tmp_path, capsys):
+    """inspect / apply / generate / export / combine / revert: a pickle in place of a safetensors file is refused."""
+    pt = files["pt_edit"]
+    out = str(tmp_path / "out")
+    cases = [
+        ["inspect", pt],
+        ["apply", "--model", tiny_sd1_dir, "--edit", pt, "--out", out],
+        ["generate", "--model", tiny_sd1_dir, "--edit", pt, "--prompt", "x", "--out-dir", out],
+        ["combine", "--edit", pt, "--edit", pt, "--out", out + ".safetensors"],
+    ]
+    if "export" in _subcommands():
+        fmt = next(c for c in _subcommands()["export"]._option_string_actions["--format"].choices)
+        cases.append(["export", "--edit", pt, "--format", fmt, "--out", out + ".safetensors"])
+    if "revert" in _subcommands():
+        cases.append(["revert", "--model", tiny_sd1_dir, "--revert-file", pt])
+    for argv in cases:
+        msg = _check(argv, capsys, 1, None, model=tiny_sd1_dir)
+        assert "pickle" in msg or "safetensors" in msg, (argv[0], msg)
+        assert not os.path.exists(out) and not os.path.exists(out + ".safetensors"), argv[0]
