@@ -22,17 +22,34 @@ Choices (recorded in ``edit.options``):
 - the rank of F and R: singular values below ``rank_tol`` × σ_max are dropped (their energy share is ~0);
 - no centring (CURE projects raw embeddings); an empty retain set means ``P_r = 0``;
 - several forget concepts: their tokens are stacked into one F (one SVD).
+
+Numerical health (``methods/text_health.py``; the math is unchanged, each case is one warning line):
+
+- no retain concepts: ``P_r = 0``, so the edit is ``W (I - P_f)`` (every forget direction is removed,
+  including what other concepts share with it);
+- a forget concept whose tokens all (nearly) equal a retained concept's tokens: the edit there is only
+  ``P_f - P_f P_r`` (small, not zero, since the soft weights are < 1);
+- ``rank_tol`` leaving no forget direction (rank 0; the largest singular value is always kept, so this
+  happens only when every forget embedding is zero): ``I - P_dis = I``, the edit changes nothing; a retain
+  set of rank 0 means ``P_r = 0``;
+- nearly collinear forget tokens need nothing: the SVD drops directions below ``rank_tol`` (no inversion).
+
+Non-finite token embeddings or factors raise :class:`~pure_fast.errors.NumericalError` before an edit is
+returned.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
 
+import warnings
+
 import torch
 
 from ..collect.text import check_prompt_mode, check_token_mode, encode_phrases, phrases_for, select_tokens
 from ..edits.shared import SharedRightEdit
 from ..errors import UsageError
+from .text_health import check_finite, identical_to_retain, phrase_owners, row_owners, warn_empty_retain
 from .uce import target_names
 
 
@@ -104,13 +121,44 @@ def cure_projector(F: torch.Tensor, R: torch.Tensor, alpha: float, rank_tol: flo
     return P_f - P_f @ P_r
 
 
-def cure_tokens(adapter, forget, retain, f_prompts, r_prompts, opts) -> tuple[torch.Tensor, torch.Tensor]:
-    F = select_tokens(encode_phrases(adapter, phrases_for(forget, f_prompts, opts.prompts)), opts.token_mode)
+def cure_tokens(adapter, forget, retain, f_prompts, r_prompts, opts, with_owners: bool = False):
+    """``(F, R)`` token rows (float64, CPU); with ``with_owners`` also the concept of every row of F and R."""
+    enc_f = encode_phrases(adapter, phrases_for(forget, f_prompts, opts.prompts))
+    F = select_tokens(enc_f, opts.token_mode)
+    own_f = row_owners(enc_f, phrase_owners(forget, f_prompts, opts.prompts), opts.token_mode)
+    own_r = []
     if retain:
-        R = select_tokens(encode_phrases(adapter, phrases_for(retain, r_prompts, opts.prompts)), opts.token_mode)
+        enc_r = encode_phrases(adapter, phrases_for(retain, r_prompts, opts.prompts))
+        R = select_tokens(enc_r, opts.token_mode)
+        own_r = row_owners(enc_r, phrase_owners(retain, r_prompts, opts.prompts), opts.token_mode)
     else:
         R = F.new_zeros(0, F.shape[1])
-    return F.cpu(), R.cpu()
+    return (F.cpu(), R.cpu(), own_f, own_r) if with_owners else (F.cpu(), R.cpu())
+
+
+def warn_cure_tokens(F, R, own_f, own_r, retain) -> None:
+    """Health of CURE's token sets (module docstring): non-finite -> error; degenerate -> one warning each."""
+    check_finite("CURE", "the token embeddings", F=F, R=R)
+    if not retain:
+        warn_empty_retain("CURE", "P_r = 0 and the edit is W (I - P_f): every forget direction is removed, "
+                                  "including what other concepts share with it")
+        return
+    pairs = identical_to_retain(F, own_f, R, own_r)
+    if pairs:
+        c, r = pairs[0]
+        warnings.warn(f"CURE: the tokens of forget concept {c!r} are (nearly) identical to those of retained concept "
+                      f"{r!r}: the retain projector keeps them, so the edit for it is small (P_f - P_f P_r); remove "
+                      "one of them", stacklevel=2)
+
+
+def warn_cure_ranks(k_f: int, k_r: int, retain, rank_tol: float) -> None:
+    if k_f == 0:
+        warnings.warn(f"CURE: rank_tol={rank_tol:g} leaves no forget direction (rank 0: the forget token embeddings "
+                      "are all zero), so the edit is the identity and changes nothing; check the text encoder and "
+                      "the forget concepts", stacklevel=2)
+    if retain and k_r == 0:
+        warnings.warn(f"CURE: rank_tol={rank_tol:g} leaves no retain direction (rank 0: the retain token embeddings "
+                      "are all zero), so P_r = 0 and nothing is protected; check the text encoder", stacklevel=2)
 
 
 def make_edit(adapter, forget, retain, f_prompts, r_prompts, options=None, progress=True) -> SharedRightEdit:
@@ -119,10 +167,13 @@ def make_edit(adapter, forget, retain, f_prompts, r_prompts, options=None, progr
     forget, retain = list(forget), list(retain)
     timings = {}
     t0 = time.perf_counter()
-    F, R = cure_tokens(adapter, forget, retain, f_prompts, r_prompts, opts)
+    F, R, own_f, own_r = cure_tokens(adapter, forget, retain, f_prompts, r_prompts, opts, with_owners=True)
+    warn_cure_tokens(F, R, own_f, own_r, retain)
     timings["tokens_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     U, V, k_f, k_r = cure_factors(F, R, float(opts.alpha), float(opts.rank_tol))
+    warn_cure_ranks(k_f, k_r, retain, float(opts.rank_tol))
+    check_finite("CURE", "the edit factors", U=U, V=V)
     timings["solve_s"] = time.perf_counter() - t0
     stats = {"timings": timings, "forget_tokens": int(F.shape[0]), "retain_tokens": int(R.shape[0]),
              "forget_rank": k_f, "retain_rank": k_r, "rank": int(U.shape[1])}

@@ -53,6 +53,11 @@ Choices (options; recorded in ``edit.options``):
 
 The edit stores the resulting weights as CSR, or dense where CSR does not pay
 (:class:`~pure_fast.edits.sparse.SparseWeightsEdit`).
+
+Numerical health: the same token checks and warnings as UCE (``methods/text_health.py``: no retain concepts,
+erase tokens equal to the guide's or a retained concept's, nearly collinear erase tokens; M = λI + ... stays
+positive definite since λ > 0, so λ_max(M) and FISTA stay finite). Non-finite embeddings and non-finite
+solved weights raise :class:`~pure_fast.errors.NumericalError` before an edit is returned.
 """
 from __future__ import annotations
 
@@ -68,6 +73,7 @@ from ..edits.sparse import LAYOUTS, SparseWeightsEdit
 from ..errors import UsageError
 from ..ops.fista import fista_objective, fista_solve, lambda_max
 from ..progress import progress_bar
+from .text_health import check_finite, warn_uce_tokens
 from .uce import UCEOptions, options_meta, preserve_scale_of, resolve_guides, target_names, uce_matrices, uce_tokens
 
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -284,6 +290,7 @@ def make_edit(adapter, forget, retain, f_prompts, r_prompts, options=None, progr
     timings = {}
     t0 = time.perf_counter()
     tok = uce_tokens(adapter, forget, retain, f_prompts, r_prompts, opts)
+    warn_uce_tokens("SPACE", tok, retain, float(opts.lam), dict(zip(forget, resolve_guides(opts.guide, forget))))
     timings["tokens_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     s_p = preserve_scale_of(opts, retain)
@@ -293,6 +300,8 @@ def make_edit(adapter, forget, retain, f_prompts, r_prompts, options=None, progr
     kv = kv_weights(adapter.unet)
     layers = {n: kv[n] for n in names}
     solved, fista_stats = space_solve(layers, M, B, opts, A=A, progress=progress)
+    for n in names:
+        check_finite("SPACE", "the solved weights", **{n: solved[n]})
     timings["fista_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     meta = options_meta(opts)

@@ -34,6 +34,12 @@ Choices (options, all recorded in ``edit.options``):
 - ``edit_keys`` / ``edit_values`` (both on, UCE's ``with_to_k=True``).
 
 Several forget concepts are erased in one solve (their tokens are stacked in C_e).
+
+Numerical health (``methods/text_health.py``; the math is unchanged, each case is one warning line):
+no retain concepts (only the ridge λ preserves anything); a forget concept whose erase tokens equal its
+guide's (edit ~0) or a retained concept's (conflicting targets); nearly collinear erase tokens (rank-deficient
+C_e: λ > 0 keeps M positive definite, so the solve stays finite). Non-finite token embeddings or factors
+raise :class:`~pure_fast.errors.NumericalError` before an edit is returned.
 """
 from __future__ import annotations
 
@@ -44,6 +50,7 @@ from typing import Any
 import torch
 
 from ..collect.text import (
+    EncodedPhrases,
     Phrase,
     check_prompt_mode,
     check_token_mode,
@@ -54,6 +61,7 @@ from ..collect.text import (
 )
 from ..edits.shared import SharedRightEdit
 from ..errors import UsageError
+from .text_health import check_finite, phrase_owners, row_owners, warn_uce_tokens
 
 
 def _positive(name, v, allow_zero=False):
@@ -123,29 +131,45 @@ def preserve_scale_of(opts, retain: list[str]) -> float:
 
 @dataclass
 class TextTokens:
-    """Selected token embeddings (rows, float64): erase ``C_e``, paired guide ``C_g``, preserve ``C_p``."""
+    """Selected token embeddings (rows, float64): erase ``C_e``, paired guide ``C_g``, preserve ``C_p``;
+    ``erase_owner`` / ``preserve_owner``: the concept of every row (for the health checks, ``text_health``)."""
 
     C_e: torch.Tensor
     C_g: torch.Tensor
     C_p: torch.Tensor
+    erase_owner: list | None = None
+    preserve_owner: list | None = None
 
 
 def uce_tokens(adapter, forget, retain, f_prompts, r_prompts, opts) -> TextTokens:
     """Encode erase / guide / preserve phrases and select their tokens (``collect/text.py``)."""
-    erase, guide = [], []
+    erase, guide, spans = [], [], []
     for c, g in zip(forget, resolve_guides(opts.guide, list(forget))):
         ps = phrases_for([c], {c: (f_prompts or {}).get(c) or [c]}, opts.prompts)
+        spans.append((c, len(erase), len(erase) + len(ps)))
         erase += ps
         guide += [p.with_subject(g) for p in ps]
     enc_e = encode_phrases(adapter, erase)
     enc_g = encode_phrases(adapter, guide)
-    C_e, C_g = paired_tokens(enc_e, enc_g, opts.token_mode)
+    ce, cg, owner_e = [], [], []
+    for c, a, b in spans:  # pairing is phrase by phrase: per concept, then stacked (same rows as one call)
+        e, g = paired_tokens(_phrase_slice(enc_e, a, b), _phrase_slice(enc_g, a, b), opts.token_mode)
+        ce.append(e)
+        cg.append(g)
+        owner_e += [c] * e.shape[0]
+    C_e, C_g = torch.cat(ce), torch.cat(cg)
+    owner_p = []
     if retain:
         enc_p = encode_phrases(adapter, phrases_for(retain, r_prompts, opts.prompts))
         C_p = select_tokens(enc_p, opts.token_mode)
+        owner_p = row_owners(enc_p, phrase_owners(retain, r_prompts, opts.prompts), opts.token_mode)
     else:
         C_p = C_e.new_zeros(0, C_e.shape[1])
-    return TextTokens(C_e.cpu(), C_g.cpu(), C_p.cpu())
+    return TextTokens(C_e.cpu(), C_g.cpu(), C_p.cpu(), owner_e, owner_p)
+
+
+def _phrase_slice(enc: EncodedPhrases, a: int, b: int) -> EncodedPhrases:
+    return EncodedPhrases(enc.embeds[a:b], enc.first[a:b], enc.last[a:b], enc.eos[a:b])
 
 
 def uce_matrices(tok: TextTokens, lam: float, s_e: float, s_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,10 +220,12 @@ def make_edit(adapter, forget, retain, f_prompts, r_prompts, options=None, progr
     timings = {}
     t0 = time.perf_counter()
     tok = uce_tokens(adapter, forget, retain, f_prompts, r_prompts, opts)
+    warn_uce_tokens("UCE", tok, retain, float(opts.lam), dict(zip(forget, resolve_guides(opts.guide, forget))))
     timings["tokens_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     s_p = preserve_scale_of(opts, retain)
     U, V = uce_factors(tok, float(opts.lam), float(opts.erase_scale), s_p)
+    check_finite("UCE", "the edit factors", U=U, V=V)
     timings["solve_s"] = time.perf_counter() - t0
     meta = options_meta(opts)
     meta["preserve_scale_used"] = s_p
