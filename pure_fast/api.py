@@ -109,6 +109,8 @@ def _with_category(cls, category, kw):
 
     top = _options_from_kwargs(cls, kw)
     changed = {k: getattr(top, k) for k in kw if hasattr(base, k)}
+    if hasattr(base, "collect") and any(k not in changed for k in kw):  # collection keywords (steps, seeds, ...)
+        changed["collect"] = top.collect
     return replace(base, **changed) if changed else top
 
 
