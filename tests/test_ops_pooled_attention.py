@@ -13,6 +13,7 @@ with ``eps`` one fp32 unit in the last place at the largest reference magnitude.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -212,7 +213,38 @@ def _worker(out_dir: str) -> None:
     del os.environ["PURE_FAST_BACKEND"]
     res["auto_on_cpu"] = dict(backend=pa.backend_for(q, k, v))
 
-    torch.save(res, os.path.join(out_dir, "results.pt"))
+    # facts about memory layout do not survive a (contiguous) safetensors round trip: record them here
+    res["diffusers_layout_scale"]["q_is_contiguous"] = res["diffusers_layout_scale"]["q"].is_contiguous()
+    res["diffusers_layout_scale"]["out_stride"] = list(res["diffusers_layout_scale"]["out"].stride())
+    _save_results(res, out_dir)
+
+
+def _save_results(res: dict, out_dir: str) -> None:
+    """Tensors to ``results.safetensors`` (key ``case/field``), everything else to ``results.json`` (never
+    pickle: the project reads only safetensors / JSON)."""
+    from pure_fast.fileio import atomic_path, save_safetensors
+
+    tensors, meta = {}, {}
+    for case, fields in res.items():
+        for field, value in fields.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{case}/{field}"] = value.detach().contiguous()
+            else:
+                meta.setdefault(case, {})[field] = value
+    save_safetensors(tensors, os.path.join(out_dir, "results.safetensors"))
+    with atomic_path(os.path.join(out_dir, "results.json")) as tmp:
+        Path(tmp).write_text(json.dumps(meta), encoding="utf-8")
+
+
+def _load_results(out_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    res: dict = {case: dict(fields) for case, fields in
+                 json.loads((out_dir / "results.json").read_text(encoding="utf-8")).items()}
+    for key, t in load_file(str(out_dir / "results.safetensors")).items():
+        case, field = key.split("/", 1)
+        res.setdefault(case, {})[field] = t
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +259,7 @@ def interp(tmp_path_factory):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 0, f"interpreter worker failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
-    return torch.load(d / "results.pt", weights_only=False)
+    return _load_results(d)
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES)
@@ -242,11 +274,12 @@ def test_triton_interpreter_matches_reference(interp, case):
 def test_triton_interpreter_diffusers_layout_and_scale(interp):
     c = interp["diffusers_layout_scale"]
     assert c["backend"] == "triton"
-    assert not c["q"].is_contiguous()
+    assert c["q_is_contiguous"] is False  # the kernel got the non-contiguous diffusers views
     _check_against_fp64(c["q"], c["k"], c["v"], c["out"], c["pooled"], scale=c["scale"])
     _check_pooled_is_mean_of_out(c["out"], c["pooled"])
     b, h, n, d = c["out"].shape
-    c["out"].transpose(1, 2).view(b, n, h * d)  # [B,N,H,hd] storage: the processor's reshape is a view
+    out = torch.empty_strided(c["out"].shape, c["out_stride"], dtype=c["out"].dtype).copy_(c["out"])
+    out.transpose(1, 2).view(b, n, h * d)  # [B,N,H,hd] storage (the kernel's strides): the processor's reshape is a view
 
 
 def test_triton_interpreter_multiblock_deterministic(interp):
