@@ -397,6 +397,8 @@ def test_cli_erase_inspect_generate(tiny_sd1_dir, tmp_path, capsys):
     assert main(["inspect", out, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["method"] == "acterase" and info["kind"] == "patch" and info["options"]["gate_threshold"] == 0.05
+    assert main(["inspect", out]) == 0
+    assert "activation patch (no weight change)" in capsys.readouterr().out
     gen = str(tmp_path / "gen")
     rc = main(["generate", "--model", tiny_sd1_dir, "--edit", out, "--prompt", f"art by {FORGET}",
                "--prompt", "a photo of a dog", "--seed", "1", "--steps", "3", "--size", "32", "--out-dir", gen,

@@ -23,8 +23,8 @@ positions, *before* ``to_out``; c = h V its coordinates, c̄ their spatial mean,
     shift     h ← h − s·g·(c̄ − μ_a) Vᵀ          (mode='shift': one offset per sample, keeps the layout)
 
 Concepts are applied one after the other (each with its own V and gate). A sample whose gates are all 0
-is returned untouched (bit-identical), so an unrelated prompt — and in particular the unconditional CFG
-branch, whose π is ≤ 0 on the models we measured — runs exactly the original computation.
+is returned untouched (bit-identical), so an unrelated prompt — and the unconditional CFG branch whenever
+its π stays ≤ t — runs exactly the original computation.
 
 Why forward pre-hooks on ``attn2.to_out[0]`` instead of a replacement attention processor: the input of
 ``to_out[0]`` *is* the attention output before ``to_out`` for every diffusers processor (AttnProcessor2_0,
@@ -311,6 +311,12 @@ class PatchEdit(Edit):
         m["layers"] = len(self.patches)
         m["patched_layers"] = len(self.patches)
         m["rank_min"], m["rank_max"] = (min(r), max(r)) if r else (0, 0)
+        rt = self.runtime()
+        gate = f"soft gate t={rt['gate_threshold']}" if rt["gate"] == "soft" else "no gate"
+        n = len(self.concepts.get("forget", [])) or max((len(e) for e in self.patches.values()), default=0)
+        m["details"] = (f"activation patch (no weight change) on {len(self.patches)} attn2 layers, {n} concept(s), "
+                        f"{rt['mode']} at strength {rt['strength']}, {gate}; active only while applied "
+                        "(generate --edit, Edit.apply), nothing to bake into weights")
         return m
 
 
