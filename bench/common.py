@@ -190,6 +190,13 @@ def table(rows: Sequence[dict], columns: Iterable[str] | None = None, markdown: 
     if columns is None:
         present = {k for r in rows for k, v in r.items() if v is not None}
         columns = [c for c in TABLE_COLUMNS if c in present]
+        if "ms" not in present:  # rows in their own format (e.g. native_ms, speedup): show their scalar keys
+            extra = []
+            for r in rows:
+                for k, v in r.items():
+                    if k not in columns and k not in extra and k != "table" and isinstance(v, (int, float, str, bool)):
+                        extra.append(k)
+            columns += extra
     columns = list(columns)
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
     if markdown:

@@ -90,14 +90,18 @@ def render_results() -> str:
             f"commit {str(env.get('git_commit'))[:10]}{' (dirty)' if env.get('git_dirty') else ''}, "
             f"{env.get('date')}\n"
         )
-        rows, errors = [], []
         for name, entry in sorted(data.get("benches", {}).items()):
-            rows += entry.get("rows", [])
+            tables: dict = {}
+            for row in entry.get("rows", []):
+                tables.setdefault(row.get("table"), []).append(row)
+            for table_name, rows in tables.items():
+                title = name if table_name in (None, name) else f"{name} / {table_name}"
+                secs = f" ({entry['seconds']} s)" if entry.get("seconds") is not None else ""
+                parts.append(f"#### {title}{secs}\n")
+                parts.append(common.table([{k: v for k, v in r.items() if k not in ("bench", "table")} for r in rows],
+                                          markdown=True) + "\n")
             if entry.get("error"):
-                errors.append(f"- `{name}` failed: {entry['error'].strip().splitlines()[-1]}")
-        if rows:
-            parts.append(common.table(rows, markdown=True) + "\n")
-        parts += [e + "\n" for e in errors]
+                parts.append(f"- `{name}` failed: {entry['error'].strip().splitlines()[-1]}\n")
     if not parts:
         return "_No results yet: run `make bench` (CPU) or `make bench-gpu` (CUDA)._\n"
     return "\n".join(parts)
