@@ -24,11 +24,19 @@ def _adapter(pipe):
     return wrap_pipeline(pipe)
 
 
+_EDITS: dict = {}
+
+
 def _erase(adapter, forget=(FORGET,), retain=(RETAIN,), **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pure_fast.erase(adapter, list(forget), list(retain), method="acterase", category="style",
-                               progress=False, **{**FAST, **kw})
+    """The edit for these arguments, computed once per model and arguments in this module (edits are
+    plain values: every test applies and reverts its own)."""
+    key = (id(adapter.unet), tuple(forget), tuple(retain), tuple(sorted(kw.items())))
+    if key not in _EDITS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _EDITS[key] = pure_fast.erase(adapter, list(forget), list(retain), method="acterase",
+                                          category="style", progress=False, **{**FAST, **kw})
+    return _EDITS[key]
 
 
 @torch.no_grad()
