@@ -96,7 +96,7 @@ class EvalSettings:
 
     @classmethod
     def quick(cls, **kw) -> "EvalSettings":
-        base = cls(seeds=(0,), steps=4, n_anchor=4, n_heldout=4, n_attack=2, n_forget_canonical=4, n_neighbour=1,
+        base = cls(seeds=(0,), steps=6, n_anchor=4, n_heldout=4, n_attack=2, n_forget_canonical=4, n_neighbour=1,
                    greedy_base=1, greedy_substitute=4, greedy_insert=2, greedy_search_seeds=(1000,))
         return replace(base, **kw)
 
