@@ -255,8 +255,9 @@ def cmd_probe(args) -> int:
 
 
 def _add_eval_common(p) -> None:
-    p.add_argument("--out-dir", default=None, metavar="DIR")
-    p.add_argument("--quick", action="store_true", help="small settings (1 seed, 4 DDIM steps, fewer prompts)")
+    p.add_argument("--out-dir", default=None, metavar="DIR", help="output folder (eval: eval_out; bench-quality "
+                   "and probe: bench/results)")
+    p.add_argument("--quick", action="store_true", help="small settings (1 seed, fewer prompts and a smaller greedy search; 6 DDIM steps)")
     p.add_argument("--seeds", type=int, default=None, metavar="N", help="evaluation seeds 0..N-1")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps of the evaluation images")
     p.add_argument("--batch-size", type=int, default=None, help="samples per UNet call")
@@ -270,7 +271,8 @@ def add_commands(sub, add_model, add_common) -> None:
                    "(repeatable; default pure); the unedited model is always measured too")
     p.add_argument("--forget", action="append", default=[], metavar="CONCEPT", help="toy concept to erase")
     p.add_argument("--retain", action="append", default=[], metavar="CONCEPT",
-                   help="toy concept to keep (default: every other member of the forget concepts' categories)")
+                   help="toy concept to keep (default: the two members that follow each forget concept in its "
+                   "category, e.g. red -> orange, yellow; retention is measured on every member)")
     _add_eval_common(p)
     add_common(p)
     p.set_defaults(out_dir_default="eval_out")
