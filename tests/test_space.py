@@ -453,3 +453,17 @@ def test_cli_target_sparsity(tiny_sd1_dir, tmp_path, capsys):
                  "target_sparsity=1.5", "--out", str(tmp_path / "bad.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "target_sparsity=1.5" in err and len(err.strip().splitlines()) == 1
+
+
+def test_toy_categories_default_to_the_measured_target_sparsity():
+    """The toy world's categories aim at TOY_TARGET_SPARSITY (measured on the toy benchmark); other categories
+    keep the paper's 0.85; an explicit option always wins."""
+    from pure_fast import api
+    from pure_fast.methods.space import SpaceOptions
+
+    for cat in ("shape", "colour", "background"):
+        assert api.build_options("space", None, {}, cat).target_sparsity == SpaceOptions.TOY_TARGET_SPARSITY == 0.2
+    for cat in ("style", "nsfw", None):
+        assert api.build_options("space", None, {}, cat).target_sparsity == 0.85
+    assert api.build_options("space", None, {"target_sparsity": 0.6}, "colour").target_sparsity == 0.6
+    assert api.build_options("space", None, {"lam": 0.25}, "colour").target_sparsity == 0.2
