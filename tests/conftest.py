@@ -55,3 +55,22 @@ def tiny_sd1_other_dir(tmp_path_factory):
 
     return save_tiny_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sd1-other"), "sd1", seed=1)
 
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny problems (32-384 wide): one intra-op thread avoids oversubscribing a shared 2-core CPU."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The shipped toy model (a fresh adapter per test module, so edits never leak between modules)."""
+    import pure_fast
+
+    return pure_fast.load_model("toy")

@@ -13,6 +13,8 @@ from pure_fast.edits.shared import SharedRightEdit
 from pure_fast.errors import UsageError
 from pure_fast.methods.cure import CureOptions
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one intra-op thread (conftest)
+
 
 def _snapshot(model):
     return {k: v.detach().clone() for k, v in kv_weights(model.unet).items()}
@@ -40,20 +42,6 @@ def _dense_p_dis(F, R, alpha):
     P_f = soft_projector(F)
     P_r = soft_projector(R) if R.shape[0] else torch.zeros_like(P_f)
     return P_f - P_f @ P_r
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The problems here are tiny (32-384 wide): one intra-op thread avoids oversubscribing a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return pure_fast.load_model("toy")
 
 
 @pytest.mark.parametrize("family,alpha", [("sd1", 2.0), ("sdxl", 2.0), ("toy", 5.0), ("sdxl", 0.5)])

@@ -14,6 +14,8 @@ from pure_fast.errors import EditFileError, UsageError
 from pure_fast.methods.space import SpaceOptions, space_solve
 from pure_fast.methods.uce import UCEOptions, uce_factors, uce_matrices, uce_tokens
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one intra-op thread (conftest)
+
 FORGET, RETAIN = ["Van Gogh", "Picasso"], ["Claude Monet", "Rembrandt"]
 
 
@@ -27,20 +29,6 @@ def _problem(adapter, forget=FORGET, retain=RETAIN, **kw):
     s_p = max(0.1, 1 / len(retain)) if retain else 0.0
     M, B = uce_matrices(tok, opts.lam, opts.erase_scale, s_p)
     return tok, M, B, s_p
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The problems here are tiny (32-384 wide): one intra-op thread avoids oversubscribing a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return pure_fast.load_model("toy")
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])

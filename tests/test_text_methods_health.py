@@ -11,18 +11,7 @@ from pure_fast.errors import NumericalError
 from pure_fast.methods import cure, space, uce
 from pure_fast.methods.text_health import identical_to_guide, identical_to_retain, numerical_rank
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return pure_fast.load_model("toy")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one intra-op thread (conftest)
 
 
 def _weights(model):

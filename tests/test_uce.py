@@ -14,6 +14,8 @@ from pure_fast.edits.io import load_edit
 from pure_fast.edits.shared import SharedRightEdit
 from pure_fast.errors import EditFileError, UsageError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one intra-op thread (conftest)
+
 
 def _snapshot(model):
     return {k: v.detach().clone() for k, v in kv_weights(model.unet).items()}
@@ -38,20 +40,6 @@ def _dense_uce(W0, C_e, C_g, C_p, lam, s_e, s_p):
         left += s_p * torch.outer(W0 @ cp, cp)
         right += s_p * torch.outer(cp, cp)
     return torch.linalg.solve(right.T, left.T).T  # W right = left
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The problems here are tiny (32-384 wide): one intra-op thread avoids oversubscribing a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return pure_fast.load_model("toy")
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl", "toy"])
