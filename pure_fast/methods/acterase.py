@@ -56,6 +56,30 @@ Sweep (10-18 images per colour, DDIM 10 steps): default red 1.0 → 0.0 with ora
 1.0; mode='shift' leaves red at 0.89 (a uniform shift keeps the object's red where it is); t = 0.3 lets
 orange drop to 0.89; t = 0.7 leaves red at 0.11; t = 0.1 without projection drops orange to 0.61; retain
 projection 0.5 with t = 0.1 or 0.5 leaves red at 0.5-0.72 (gate on or off alike).
+
+Numerical health (the math is unchanged; degenerate inputs give a documented result and one aggregated
+``warnings.warn`` line per case and concept, saying what happened and what to do; never NaN values):
+
+- non-finite activations (a broken checkpoint or an fp16 overflow) or a non-finite patch tensor:
+  :class:`~pure_fast.errors.NumericalError` (one line) before anything is estimated or returned, so a NaN
+  patch is never returned, saved or applied (the model is never touched by ``make_edit``);
+- rank 0 at a layer (the concept's differences are all zero there, or the retain projection removed them):
+  the layer gets no patch for that concept (an empty entry; a layer empty for every concept is dropped).
+  One warning per concept names how many layers; when no layer is left at all, the "patch is empty"
+  warning follows;
+- μ_f ≈ μ_a at a patched layer (|μ_f − μ_a|² ≤ ``GATE_TOL`` = 1e-6 × the mean |δV|², e.g. differences
+  that cancel on average): the presence π is undefined or noise there, so the soft gate stays closed
+  (π = 0 when |w|² = 0) and that layer does nothing with ``gate='soft'``. One warning per concept (soft
+  gate only): use more consistent anchor prompts or ``gate='off'``;
+- ``retain_threshold`` set while no retain prompt pair exists (no retain concepts, or none of their prompts
+  mentions them): nothing is projected off (the default behaviour); a warning says so. When it is set and
+  the projection removes (nearly) all of a concept's difference energy at a layer (kept share below
+  ``RETAIN_KEEP_TOL`` = 1e-3, like PURE's ``warn_overlap``), that layer ends with rank 0 or a tiny residual
+  basis: one warning per concept names the layers; lower ``retain_threshold`` or retain less similar concepts;
+- duplicate forget prompts (the same prompt listed several times): each copy counts in the basis and in μ_f
+  (they are not removed, so weights stay as given); one warning per concept. When all of a concept's
+  (≥ 2) difference rows are one repeated row at a layer (centred energy ≤ ``IDENTICAL_SPREAD`` = 1e-8 of the
+  total), the basis there is that one direction: one warning per concept (use more varied templates).
 """
 from __future__ import annotations
 
@@ -69,11 +93,14 @@ import torch
 from ..adapters.base import ModelAdapter
 from ..collect.activations import CollectOptions, collect_activations
 from ..edits.patch import ConceptPatch, PatchEdit, check_runtime
-from ..errors import UsageError
+from ..errors import NumericalError, UsageError
 from ..estimate.subspace import shape_groups
 from ..ops.batched_svd import subspace_basis
 
 CATEGORY_ANCHORS = {"celebrity": "a person"}
+GATE_TOL = 1e-6  # |mu_f - mu_a|^2 below this share of the mean |delta V|^2: the soft gate never opens
+RETAIN_KEEP_TOL = 1e-3  # share of a concept's difference energy left after the retain projection
+IDENTICAL_SPREAD = 1e-8  # centred / uncentred energy of the difference rows: one repeated row
 
 
 @dataclass
@@ -163,6 +190,75 @@ def prompt_pairs(prompts: list[str], concepts: list[str], anchor: str) -> list[t
     return out
 
 
+# ---- numerical health (see "Numerical health" in the module docstring) ------------------------------
+def check_finite(what: str, **tensors: torch.Tensor) -> None:
+    """Raise NumericalError (one line) when any of ``tensors`` holds NaN / Inf."""
+    for name, t in tensors.items():
+        if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NumericalError(f"ActErase: {bad} non-finite value(s) in {what} ({name}); the model's weights or "
+                                 "activations hold NaN/Inf (check the checkpoint or use float32); nothing was changed")
+
+
+def check_patches_finite(patches: dict[str, list[ConceptPatch]]) -> None:
+    """Every basis / anchor / forget tensor must be finite before the edit is returned."""
+    for layer, entries in patches.items():
+        for k, e in enumerate(entries):
+            check_finite(f"the patch of {layer}", **{f"c{k}.basis": e.basis, f"c{k}.anchor": e.anchor,
+                                                       f"c{k}.forget": e.forget})
+
+
+def layer_health(D: torch.Tensor, V: torch.Tensor, ranks: torch.Tensor, D_raw: torch.Tensor | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Per-layer flags ([L] bool) for one concept and shape group. D: [L, n, d] differences used for the basis
+    (after any retain projection), D_raw: before it (None = no projection), V: [L, d, k] (zero columns past
+    each rank), ranks [L]. ``w = mean(D V) = μ_f − μ_a`` exactly."""
+    D, V = D.to(torch.float64), V.to(torch.float64)
+    n = D.shape[1]
+    C = D @ V  # [L, n, k]
+    w = C.mean(1)
+    ww = (w * w).sum(-1)
+    scale = (C * C).sum(-1).mean(1) if n else ww
+    out = {"rank0": ranks == 0, "gate_closed": (ranks > 0) & (ww <= GATE_TOL * scale)}
+    total = (D * D).sum((1, 2))
+    mean = D.mean(1)
+    spread = total - n * (mean * mean).sum(-1)
+    no = torch.zeros_like(ranks, dtype=torch.bool)
+    out["identical"] = (total > 0) & (spread <= IDENTICAL_SPREAD * total) if n >= 2 else no
+    if D_raw is None:
+        out["retain_removed"] = no
+    else:
+        raw = (D_raw.to(torch.float64) ** 2).sum((1, 2))
+        out["retain_removed"] = (raw > 0) & (total <= RETAIN_KEEP_TOL * raw)
+    return out
+
+
+def warn_health(concept: str, flags: dict[str, list[str]], n_layers: int, gate: str = "soft") -> None:
+    """One warning per non-empty flag of ``concept``; ``flags`` maps a flag of ``layer_health`` to layer names."""
+    c = concept
+
+    def where(key):
+        names = flags.get(key, [])
+        return f"{len(names)} of {n_layers} layer(s) (e.g. {names[0]})" if names else ""
+
+    if flags.get("rank0"):
+        warnings.warn(f"ActErase: {c!r} has rank 0 at {where('rank0')}: its prompts do not differ from their neutral "
+                      "twins there (after any retain projection), so those layers are not patched for it; "
+                      "use more anchor prompts or a higher forget_threshold", stacklevel=3)
+    if flags.get("gate_closed") and gate == "soft":
+        warnings.warn(f"ActErase: for {c!r} the forget and neutral means coincide (mu_f ~ mu_a) at "
+                      f"{where('gate_closed')}: the soft gate never opens there, so those layers do nothing; use more consistent anchor "
+                      "prompts or gate='off'", stacklevel=3)
+    if flags.get("retain_removed"):
+        warnings.warn(f"ActErase: the retain projection removes nearly all of {c!r}'s difference (less than "
+                      f"{RETAIN_KEEP_TOL:.1%} left) at {where('retain_removed')}: the patch barely acts there; lower "
+                      "retain_threshold or retain concepts less similar to the forgotten one", stacklevel=3)
+    if flags.get("identical"):
+        warnings.warn(f"ActErase: the difference rows of {c!r} are one repeated row at {where('identical')}: its "
+                      "anchor prompts are identical there, so the basis is that one direction; use more varied "
+                      "anchor prompts or templates", stacklevel=3)
+
+
 # ---- the method -----------------------------------------------------------------------------------
 def _means(acts, prompts: list[str], layer_idx: list[int]) -> torch.Tensor:
     """[L_g, n, d] mean pooled activation of each prompt at each layer of one shape group (float64)."""
@@ -187,7 +283,15 @@ def make_edit(adapter: ModelAdapter, forget, retain, f_prompts: dict[str, list[s
             raise UsageError(f"no anchor prompt of {c!r} mentions the concept, so no prompt pair can be built; "
                              "use templates with a '{}' slot")
         pairs[c] = pp
+        dup = len(pp) - len({p for p, _ in pp})
+        if dup:
+            warnings.warn(f"ActErase: {dup} anchor prompt(s) of {c!r} repeat another one; each copy counts in the "
+                          "basis and the forget mean; list distinct prompts", stacklevel=2)
     r_pairs = prompt_pairs(list(r_prompts), list(retain or []), anchor) if opts.retain_threshold else []
+    if opts.retain_threshold and not r_pairs:
+        warnings.warn(f"ActErase: retain_threshold={opts.retain_threshold} is set but no retain prompt pair exists "
+                      "(no retain concepts, or none of their prompts mentions them), so nothing is projected off; "
+                      "list retain concepts or leave retain_threshold unset", stacklevel=2)
     r_list = list(dict.fromkeys(r_prompts))
     unique = list(dict.fromkeys([x for pp in pairs.values() for pq in pp for x in pq]
                                 + [x for pq in r_pairs for x in pq] + r_list))
@@ -202,20 +306,28 @@ def make_edit(adapter: ModelAdapter, forget, retain, f_prompts: dict[str, list[s
     ranks: dict[str, dict[str, int]] = {c: {} for c in pairs}
     presence: dict[str, dict[str, float]] = {c: {} for c in pairs}  # mean retain presence per layer
     gated: dict[str, torch.Tensor] = {c: torch.zeros(len(r_list), dtype=torch.float64) for c in pairs}
+    health: dict[str, dict[str, list[str]]] = {c: {} for c in pairs}
     for d, idx in shape_groups(layers).items():
         R = _means(acts, r_list, idx) if r_list else None
+        check_finite("the retain prompts' activations", R=R)
         V_R = None
         if r_pairs:
             RP = _means(acts, [p for p, _ in r_pairs], idx)
             RQ = _means(acts, [q for _, q in r_pairs], idx)
+            check_finite("the retain prompt pairs' activations", retain=RP, neutral=RQ)
             V_R, _, _ = subspace_basis(RP - RQ, opts.retain_threshold)
         for c, pp in pairs.items():
             P = _means(acts, [p for p, _ in pp], idx)  # [L, n, d]
             Q = _means(acts, [q for _, q in pp], idx)
-            D = P - Q
+            check_finite(f"the activations of {c!r}'s prompt pairs", forget=P, neutral=Q)
+            D = D_raw = P - Q
             if V_R is not None and V_R.shape[-1]:
                 D = D - (D @ V_R) @ V_R.transpose(1, 2)
+            else:
+                D_raw = None
             V, r, _ = subspace_basis(D, opts.forget_threshold, max_rank=opts.max_rank)
+            for key, flag in layer_health(D, V, r, D_raw).items():
+                health[c].setdefault(key, []).extend(layers[i].name for j, i in enumerate(idx) if bool(flag[j]))
             mu_a = (Q @ V).mean(1)  # [L, k]
             mu_f = (P @ V).mean(1)
             for j, i in enumerate(idx):
@@ -230,7 +342,10 @@ def make_edit(adapter: ModelAdapter, forget, retain, f_prompts: dict[str, list[s
                     pi = ((R[j] @ V[j, :, :k] - mu_a[j, :k]) @ w) / (w @ w)  # [n_retain]
                     presence[c][name] = round(float(pi.mean()), 4)
                     gated[c] += (pi > opts.gate_threshold).double()
+    for c in pairs:
+        warn_health(c, health[c], len(layers), opts.gate)
     patches = {n: e for n, e in patches.items() if any(x.rank for x in e)}
+    check_patches_finite(patches)
     shapes = {l.name: (l.d_out, l.d_in) for l in layers if l.name in patches}
     if not patches:
         warnings.warn("ActErase found no difference between the forget prompts and their neutral twins; "
@@ -260,7 +375,8 @@ def make_edit(adapter: ModelAdapter, forget, retain, f_prompts: dict[str, list[s
                      options=options_meta, patches=patches, shapes=shapes, stats=stats)
 
 
-__all__ = ["ActEraseOptions", "OPTIONS", "make_edit", "neutral_prompt", "prompt_pairs"]
+__all__ = ["ActEraseOptions", "OPTIONS", "check_finite", "check_patches_finite", "layer_health", "make_edit",
+           "neutral_prompt", "prompt_pairs", "warn_health"]
 
 
 # ---- measurement on the toy world ---------------------------------------------------------------------
