@@ -24,6 +24,13 @@ from .errors import EditFileError, PureFastError
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
 
+def _default_mode(base: int) -> int:
+    """``base`` masked by the process umask: the mode open() / mkdir() would give a new file / folder."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ""):
     """Yield a temp path beside ``path``; on success rename it onto ``path``, on error delete it."""
@@ -37,6 +44,8 @@ def atomic_path(path: str, suffix: str = ""):
     os.close(fd)
     try:
         yield tmp
+        # mkstemp creates 0600; give the result the mode a plain open() would (or keep the replaced file's)
+        os.chmod(tmp, os.stat(path).st_mode & 0o7777 if os.path.isfile(path) else _default_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -56,6 +65,7 @@ def atomic_dir(path: str):
         yield tmp
         if os.path.exists(path):
             raise PureFastError(f"{path} appeared while writing; not overwritten")
+        os.chmod(tmp, _default_mode(0o777))  # mkdtemp creates 0700; a new folder gets the usual umask mode
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
