@@ -118,9 +118,4 @@ def run(device: str = "cpu") -> list[dict]:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    print(common.table(run(args.device)))
+    common.main(run, __doc__)

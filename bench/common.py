@@ -217,3 +217,13 @@ def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def log(*args: Any) -> None:
     print(*args, file=sys.stderr, flush=True)
+
+
+def main(run, doc: str | None) -> None:
+    """Command line of a single benchmark: ``python bench/bench_X.py [--device cpu|cuda]``, table only."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    print(table(run(args.device)))
