@@ -46,6 +46,13 @@ Choices (options; recorded in ``edit.options``):
   ``dense`` force one layout;
 - ``max_elements`` = 2**27: a shape group larger than this is solved in chunks of layers (memory bound;
   the result is the same problem, chunk by chunk);
+- ``gram_route`` = ``auto``: how FISTA forms ``Y M`` (``ops/shifted_low_rank.py``). M = λI + FᵀF with F the
+  k erase + preserve token embeddings, so ``factored`` computes ``λY + (Y Fᵀ) F`` (4k flops per weight entry)
+  and never forms the d x d matrices (N = W0 B, the UCE start W0 A = W0 + (W0 U)Vᵀ, λ_max(M) from the k x k
+  Gram, the objective); ``dense`` is the GEMM with M (2d flops per entry). ``auto`` = factored when 2k < d,
+  which is every default solve (UCE's ``prompts=concepts`` gives a few tokens per concept; SDXL d = 2048).
+  Both routes solve the same problem (tests: equal iterates within fp32 rounding, and within 1e-10 in fp64).
+  Measured (``python bench/bench_fista.py``): see bench/README.md;
 - ``history_every`` = 10: every 10th iteration (and the first and last) the objective F(W_k) (float64,
   ``ops.fista.fista_objective``) and the zero fraction of W_k of every group go to ``edit.stats["fista"]``
   (``history_iterations``, ``objective``, ``sparsity``). Each record costs one more ``W M`` product in
@@ -73,9 +80,11 @@ from ..edits.shared import group_by_shape
 from ..edits.sparse import LAYOUTS, SparseWeightsEdit
 from ..errors import UsageError
 from ..ops.fista import fista_objective, fista_solve, lambda_max
+from ..ops.shifted_low_rank import ShiftedLowRank, right_mm
 from ..progress import progress_bar
 from .text_health import check_finite, warn_uce_tokens
-from .uce import UCEOptions, options_meta, preserve_scale_of, resolve_guides, target_names, uce_matrices, uce_tokens
+from .uce import (UCEOptions, options_meta, preserve_scale_of, resolve_guides, target_names, uce_factors, uce_matrices,
+                  uce_tokens)
 
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -95,6 +104,7 @@ class SpaceOptions(UCEOptions):
     storage_layout: str = "auto"
     max_elements: int = 2**27
     history_every: int = 10
+    gram_route: str = "auto"
 
     # The toy world's categories: its 384-wide K/V weights do not survive the paper's 85 % zeros. Measured with
     # the toy benchmark's quick settings (pure_fast/evaluate/toy_bench.py; each of square, triangle, star, red,
@@ -147,9 +157,30 @@ class SpaceOptions(UCEOptions):
             raise UsageError(f"history_every={h!r} is out of range; use an integer >= 0 (0: no history)")
         if isinstance(self.max_elements, bool) or not isinstance(self.max_elements, int) or self.max_elements < 1:
             raise UsageError(f"max_elements={self.max_elements!r} is out of range; use an integer >= 1")
+        if self.gram_route not in GRAM_ROUTES:
+            raise UsageError(f"gram_route={self.gram_route!r} is not valid; use {', '.join(GRAM_ROUTES)}")
 
 
 OPTIONS = SpaceOptions
+GRAM_ROUTES = ("auto", "factored", "dense")
+
+
+def space_operators(tok, lam: float, s_e: float, s_p: float, route: str = "auto"):
+    """``(M, B, A, route_used)``: UCE's matrices for SPACE, as :class:`ShiftedLowRank` factors (``factored``)
+    or dense float64 d x d matrices (``dense``); ``auto`` picks factored when it needs fewer flops per
+    ``Y M`` (2k < d, k = erase + preserve tokens)."""
+    F = torch.cat([math.sqrt(s_e) * tok.C_e, math.sqrt(s_p) * tok.C_p]).to(torch.float64)
+    M = ShiftedLowRank.gram(lam, F.contiguous())
+    if route == "auto":
+        route = "factored" if M.cheaper_than_dense() else "dense"
+    if route == "dense":
+        M, B = uce_matrices(tok, lam, s_e, s_p)
+        A = torch.linalg.solve(M, B.T).T
+        return M, B, A, route
+    B = ShiftedLowRank(lam, torch.cat([tok.C_g, tok.C_p]).to(torch.float64).contiguous(),
+                       torch.cat([s_e * tok.C_e, s_p * tok.C_p]).to(torch.float64).contiguous())
+    U, V = uce_factors(tok, lam, s_e, s_p)
+    return M, B, ShiftedLowRank.identity_plus(U, V), route
 
 
 def _chunks(weights, opts):
@@ -167,11 +198,11 @@ def _solve_all(weights, chunks, M, B, mu, opts, warm, A, bar, solve_index, lam_m
     for shape, names in chunks:
         dev = weights[names[0]].device
         W0 = torch.stack([weights[n].detach().to(dev, torch.float64) for n in names])
-        N = (W0 @ B.to(dev)).to(work)
+        N = right_mm(W0, B).to(work)
         if warm is not None:
             start = torch.stack([warm[n].to(dev, work) for n in names])
         else:
-            start = (W0 @ A.to(dev)).to(work) if opts.warm_start == "uce" else None
+            start = right_mm(W0, A).to(work) if opts.warm_start == "uce" else None
         t0 = time.perf_counter()
         Mw = M.to(dev, work)
         every = int(opts.history_every)
@@ -205,6 +236,7 @@ def _solve_all(weights, chunks, M, B, mu, opts, warm, A, bar, solve_index, lam_m
             "iterations": res.iterations, "converged": res.converged, "rel_change": res.rel_change,
             "restarts": res.restarts, "lipschitz": res.lipschitz, "lambda_max": lam_max,
             "zero_fraction": res.zero_fraction, "time_s": time.perf_counter() - t0,
+            "gram_route": "factored" if isinstance(M, ShiftedLowRank) else "dense",
             "history_iterations": hist_k, "objective": hist_f, "sparsity": hist_z,
         })
     return out, stats
@@ -227,10 +259,10 @@ class _Predictor:
     def __init__(self, weights, A, M, cap=2**22):
         total = sum(w.numel() for w in weights.values())
         stride = max(1, -(-total // cap))
-        diag = 2.0 * torch.diagonal(M).to(torch.float64)
+        diag = 2.0 * (M.diagonal() if isinstance(M, ShiftedLowRank) else torch.diagonal(M)).to(torch.float64)
         parts = []
         for w in weights.values():
-            s = (w.detach().to(torch.float64) @ A.to(w.device)).abs_() * diag.to(w.device)
+            s = right_mm(w.detach().to(torch.float64), A).abs_() * diag.to(w.device)
             parts.append(s.flatten()[::stride].cpu())
         self.s = torch.sort(torch.cat(parts)).values
 
@@ -240,18 +272,21 @@ class _Predictor:
         return float(self.s[min(n - 1, max(0, int(q * n)))])
 
 
-def space_solve(weights: dict[str, torch.Tensor], M: torch.Tensor, B: torch.Tensor, opts: SpaceOptions,
-                A: torch.Tensor | None = None, progress: bool = True) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def space_solve(weights: dict[str, torch.Tensor], M, B, opts: SpaceOptions, A=None,
+                progress: bool = True) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Solve SPACE for every weight (name -> [d_out, d_in]); returns (name -> W in the work dtype, per-chunk
     stats of the returned solve; each carries ``mu``, and, when μ was searched, ``search``: one record per
     solve ``{mu, zero_fraction, iterations}``). ``A``: UCE's right matrix (computed from M, B when None).
+``M``, ``B``, ``A``: dense float64 matrices or :class:`ShiftedLowRank` factors (``space_operators``).
 
     With ``opts.mu`` set, one solve at that μ. Otherwise μ is searched for ``opts.target_sparsity`` (module
     docstring): at most ``max_solves`` solves, each warm-started at the previous solution."""
     if A is None:
-        A = torch.linalg.solve(M, B.T).T  # B M^{-1} (M symmetric)
+        Md = M.dense(torch.float64) if isinstance(M, ShiftedLowRank) else M
+        Bd = B.dense(torch.float64) if isinstance(B, ShiftedLowRank) else B
+        A = torch.linalg.solve(Md, Bd.T).T  # B M^{-1} (M symmetric)
     chunks = _chunks(weights, opts)
-    lam_max = lambda_max(M)
+    lam_max = M.lambda_max() if isinstance(M, ShiftedLowRank) else lambda_max(M)
     solves = 1 if opts.mu is not None else int(opts.max_solves)
     with progress_bar(total=len(chunks) * opts.max_iter * solves, desc="SPACE (FISTA)", enabled=progress) as bar:
         if opts.mu is not None:
@@ -310,8 +345,7 @@ def make_edit(adapter, forget, retain, f_prompts, r_prompts, options=None, progr
     timings["tokens_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     s_p = preserve_scale_of(opts, retain)
-    M, B = uce_matrices(tok, float(opts.lam), float(opts.erase_scale), s_p)
-    A = torch.linalg.solve(M, B.T).T
+    M, B, A, route = space_operators(tok, float(opts.lam), float(opts.erase_scale), s_p, opts.gram_route)
     names = target_names(adapter, opts.edit_keys, opts.edit_values)
     kv = kv_weights(adapter.unet)
     layers = {n: kv[n] for n in names}
@@ -325,7 +359,7 @@ def make_edit(adapter, forget, retain, f_prompts, r_prompts, options=None, progr
     meta["mu_used"] = fista_stats[0]["mu"] if fista_stats else opts.mu
     search = [s.pop("search", []) for s in fista_stats][0] if fista_stats else []
     stats = {"timings": timings, "erase_tokens": int(tok.C_e.shape[0]), "preserve_tokens": int(tok.C_p.shape[0]),
-             "fista": fista_stats, "mu": meta["mu_used"],
+             "fista": fista_stats, "mu": meta["mu_used"], "gram_route": route,
              "mu_search": search,
              "iterations": max((s["iterations"] for s in fista_stats), default=0),
              "converged": all(s["converged"] for s in fista_stats)}
