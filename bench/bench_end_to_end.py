@@ -201,13 +201,15 @@ def pure_rows(arch, adapter, n_concepts, cfg, check) -> dict:
     }
 
 
-def text_method_row(arch, adapter, method, n_concepts, cfg) -> dict:
+def text_method_row(arch, adapter, method, n_concepts, cfg, extra: dict | None = None) -> dict:
+    """One UCE / CURE / SPACE row; ``extra``: more options (e.g. SPACE's ``gram_route``), shown in the case.
+    The edit is kept under ``_edit`` (removed by ``run`` after the cross-route check)."""
     import pure_fast
 
-    base = {"arch": arch, "method": method, "concepts": n_concepts}
+    base = {"arch": arch, "method": method, "concepts": n_concepts, "variant": extra or {}}
     if not method_available(method):
         return {**base, "check": None, "note": f"not available: pure_fast/methods/{method}.py is not there yet"}
-    kw = space_options(cfg["space"]) if method == "space" else {}
+    kw = {**(space_options(cfg["space"]) if method == "space" else {}), **(extra or {})}
     try:
         pure_fast.erase(adapter, concepts(n_concepts), RETAIN, method=method, category="style", progress=False,
                         fingerprint=False, **({**kw, "max_iter": 2} if method == "space" else kw))  # warm-up
@@ -219,7 +221,7 @@ def text_method_row(arch, adapter, method, n_concepts, cfg) -> dict:
     save_s, size = _save_s(edit)
     t = dict(edit.stats.get("timings", {}))
     row = {**base, "total_s": total, "encode_s": t.get("tokens_s"), "apply_s": apply_s, "save_s": save_s,
-           "edit_bytes": size, "check": check, "stage_timings": t}
+           "edit_bytes": size, "check": check, "stage_timings": t, "_edit": edit}
     if method in ("uce", "cure"):
         solve = t.get("solve_s") if t.get("solve_s") is not None else t.get("edit_s")
         row["edit_s"] = solve
@@ -230,19 +232,40 @@ def text_method_row(arch, adapter, method, n_concepts, cfg) -> dict:
         row["edit_s"] = t.get("fista_s")
         row["iterations"] = edit.stats.get("iterations")
         row["zero_fraction"] = edit.stats.get("zero_fraction")
+        row["gram_route"] = edit.stats.get("gram_route")
         flops = 0.0
         for s in edit.stats.get("fista", []):
             d_out, d_in = s["shape"]
-            flops += 2.0 * s["weights"] * d_out * d_in * d_in * s["iterations"]
+            k = s.get("gram_rank")  # factored: Y M = lam Y + (Y F^T) F, 4k flops per entry; dense: 2 d_in
+            per_entry = 4.0 * k if k is not None else 2.0 * d_in
+            flops += per_entry * s["weights"] * d_out * d_in * s["iterations"]
         fista_s = sum(s.get("time_s", 0.0) for s in edit.stats.get("fista", []))
         if fista_s > 0:
             row["fista_tflops"] = flops / fista_s / 1e12
             peak = bf16_peak(adapter.device)
             if peak:
                 row["fraction_of_bf16_peak"] = row["fista_tflops"] / peak
-        row["note"] = (f"{row['iterations']} FISTA iterations; fista_tflops: the Y M products over the solve time "
-                       "(lower bound: includes the elementwise steps)")
+        row["note"] = (f"{row['iterations']} FISTA iterations, Y M route {row['gram_route']}; fista_tflops: the Y M "
+                       "products over the solve time (lower bound: includes the elementwise steps)")
     return row
+
+
+def compare_space_routes(auto_row: dict, dense_row: dict) -> None:
+    """Reference check of SPACE's factored ``Y M`` route: the same solve through the dense GEMM must give the
+    same weights (float32 iterates: max |difference| <= 1e-3 of max |W|); the verdict goes into both rows and a
+    mismatch fails the benchmark."""
+    a, d = auto_row.get("_edit"), dense_row.get("_edit")
+    if a is None or d is None:
+        return
+    worst = 0.0
+    for n in d.target_weights():
+        wa, wd = a.dense(n).double(), d.dense(n).double()
+        worst = max(worst, float((wa - wd).abs().max() / wd.abs().max().clamp_min(1e-30)))
+    msg = f"factored vs dense Y M: max |dW| / max |W| = {worst:.1e} (<= 1e-3)"
+    if not worst <= 1e-3:
+        raise AssertionError(f"SPACE routes disagree: {msg}")
+    for r in (auto_row, dense_row):
+        r["check"] = f"{r['check']}; {msg}"
 
 
 def space_options(wanted: dict) -> dict:
@@ -361,15 +384,21 @@ def run(device: str = "cpu") -> dict:
             stage_rows.append(pure_rows(arch, adapter, n, cfg, check))
             common.log(f"   {arch}: PURE {n} concept(s) {stage_rows[-1]['total_s']:.2f} s")
         floor_rows += collect_floor_rows(arch, adapter, 1, cfg)
-        for method in ("uce", "cure", "space"):
-            stage_rows.append(text_method_row(arch, adapter, method, 1, cfg))
-            common.log(f"   {arch}: {method}: {stage_rows[-1].get('total_s')} {stage_rows[-1].get('check')}")
+        for method, extra in (("uce", None), ("cure", None), ("space", None), ("space", {"gram_route": "dense"})):
+            stage_rows.append(text_method_row(arch, adapter, method, 1, cfg, extra))
+            common.log(f"   {arch}: {method} {extra or ''}: {stage_rows[-1].get('total_s')} "
+                       f"{stage_rows[-1].get('check')}")
+        compare_space_routes(stage_rows[-2], stage_rows[-1])
+        for r in stage_rows:
+            r.pop("_edit", None)
         del adapter, pipe
         if device == "cuda":
             torch.cuda.empty_cache()
     for r in stage_rows:  # the shared table columns
         r.setdefault("bench", "end_to_end")
-        r["case"] = f"{r['arch']} {r['method'].upper()} {r['concepts']} concept(s)"
+        r.pop("_edit", None)
+        variant = "".join(f", {k}={v}" for k, v in (r.pop("variant", None) or {}).items())
+        r["case"] = f"{r['arch']} {r['method'].upper()} {r['concepts']} concept(s){variant}"
         r["dtype"] = str(cfg["dtype"]).replace("torch.", "")
         r["provider"] = "pure_fast.erase"
         r["ms"] = None if r.get("total_s") is None else 1e3 * r["total_s"]

@@ -1,7 +1,15 @@
-"""Microbenchmark: the fused FISTA step (native C++/OpenMP or CUDA) vs the same step in eager torch.
+"""Microbenchmarks of SPACE's FISTA: the fused step (native C++/OpenMP or CUDA) vs the same step in eager
+torch, and whole iterations with ``Y M`` as the dense GEMM vs the factored ``λY + (Y Fᵀ) F``.
 
 Verify, then time, then compare: the native result is checked against the torch reference before any
 timing; both run in the same process on the same inputs; the figure is the ratio of medians.
+
+Table ``fista_iteration``: ``fista_solve`` for a fixed number of iterations (tol unreachable) at SPACE's
+K/V stack shape, M = λI + FᵀF with k token rows (k = 8: one concept and two retained ones with UCE's
+default token selection; k = 64: ~20 concepts), once with M dense (the GEMM, what SPACE did before the
+factored route) and once factored (``ops/shifted_low_rank.py``). Verified first: the two routes' solutions
+agree to float32 rounding. CPU: one SD1.5 K/V group (32 x 1280 x 768); CUDA: SDXL's 140 K/V weights
+(166,400 x 2048).
 
     python bench/bench_fista.py --device cpu [--json bench/results/fista_cpu.json]
 """
@@ -64,8 +72,53 @@ def _verify(native, ref, n: int) -> None:
             raise AssertionError(f"{what} {a} vs reference {b}")
 
 
-def run(device: str = "cpu", shapes: dict | None = None, reps: int = 7) -> dict:
-    """Verify and time every shape; returns {"bench": "fista_step", "device": ..., "rows": [...]}."""
+ITER_CASES = {
+    "cpu": [("sd15 K/V 1280x768 x32", (32, 1280, 768), k, 10) for k in (8, 64)],
+    "cuda": [("sdxl K/V 140 weights", (130, 1280, 2048), k, 50) for k in (8, 64)],  # 166,400 rows = 130 x 1280
+}
+
+
+def iteration_rows(device: str, reps: int = 5, cases=None) -> list[dict]:
+    """Dense vs factored ``Y M`` inside ``fista_solve`` (verified against each other, then timed)."""
+    from pure_fast.ops.fista import fista_solve
+    from pure_fast.ops.shifted_low_rank import ShiftedLowRank
+
+    rows = []
+    for name, shape, k, iters in cases or ITER_CASES[device]:
+        g = torch.Generator(device="cpu").manual_seed(k)
+        d = shape[-1]
+        F = (torch.randn(k, d, generator=g, dtype=torch.float64) / d**0.5).to(device)
+        M = ShiftedLowRank.gram(0.5, F)
+        Md = M.dense(torch.float32)
+        W0 = (0.02 * torch.randn(shape, generator=g)).to(device)
+        N = M.to(device, torch.float32).right_mm(W0) + 1e-3 * torch.randn(shape, generator=g).to(device)
+        Mf = M.to(device, torch.float32)
+        kw = dict(max_iter=iters, tol=1e-30, restart=True)
+        a = fista_solve(W0, Mf, N, 1e-3, **kw)
+        b = fista_solve(W0, Md, N, 1e-3, **kw)
+        err = float((a.W - b.W).abs().max() / b.W.abs().max().clamp_min(1e-30))
+        if not (a.iterations == b.iterations == iters and err <= 1e-4):
+            raise AssertionError(f"{name} k={k}: factored vs dense solutions differ ({err:.2e} of max |W|)")
+        del a, b
+        t = time_medians({"dense": lambda: fista_solve(W0, Md, N, 1e-3, **kw),
+                          "factored": lambda: fista_solve(W0, Mf, N, 1e-3, **kw)}, device, warmup=1, reps=reps)
+        rows_total = shape[0] * shape[1]
+        for prov in ("dense", "factored"):
+            flops = (2.0 * d if prov == "dense" else 4.0 * k) * rows_total * d * iters
+            rows.append({
+                "table": "fista_iteration", "case": f"{name}, k={k}, {iters} iterations", "dtype": "fp32",
+                "provider": prov, "ms": round(t[prov], 2), "ratio": round(t["dense"] / t[prov], 2),
+                "ms_per_iteration": round(t[prov] / iters, 3),
+                "check": f"routes agree: max |dW| / max |W| = {err:.1e} (<= 1e-4)",
+                "note": f"Y M {flops / iters / 1e9:.1f} GFLOP per iteration",
+            })  # fmt: skip
+        del W0, N, F, Md, Mf
+    return rows
+
+
+def run(device: str = "cpu", shapes: dict | None = None, reps: int = 7, iterations: bool = True) -> dict:
+    """Verify and time every shape; returns {"bench": "fista_step", "device": ..., "rows": [...]} (step rows,
+    then the ``fista_iteration`` rows when ``iterations``)."""
     rows = []
     g = torch.Generator(device="cpu").manual_seed(0)
     for name, shape in (shapes or SHAPES).items():
@@ -92,6 +145,8 @@ def run(device: str = "cpu", shapes: dict | None = None, reps: int = 7) -> dict:
             "speedup": round(t_eager / t_native, 2), "native_GBps": round(gbytes / (t_native / 1e3), 1),
         })  # fmt: skip
         del Y, YM, N, Wp, W_out, Y_out, native, ref
+    if iterations:
+        rows += iteration_rows(device, reps=max(5, reps // 2) if device == "cpu" else reps)
     return {
         "bench": "fista_step", "device": device, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "rows": rows,
@@ -104,9 +159,16 @@ def print_table(result: dict) -> None:
     print(head)
     print("-" * len(head))
     for r in result["rows"]:
+        if r.get("table") == "fista_iteration":
+            continue
         shape = "x".join(map(str, r["shape"]))
         print(f"{r['case']:<24}{shape:<18}{r['native_ms']:>11.2f}{r['eager_torch_ms']:>11.2f}"
               f"{r['speedup']:>8.2f}x{r['native_GBps']:>8.1f}")  # fmt: skip
+    it = [r for r in result["rows"] if r.get("table") == "fista_iteration"]
+    if it:
+        print("\nfista_iteration: Y M dense GEMM vs factored (ratio = dense ms / this ms)")
+        for r in it:
+            print(f"{r['case']:<48}{r['provider']:<10}{r['ms']:>11.1f} ms{r['ratio']:>8.2f}x  {r['check']}")
 
 
 def main(argv=None) -> int:

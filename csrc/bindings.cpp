@@ -71,11 +71,12 @@ PYBIND11_MODULE(_C, m) {
                                    (float)tau, (float)beta);
           }
         }
-        return py::make_tuple(r.nnz, r.diff_sq, r.norm_sq);
+        return py::make_tuple(r.nnz, r.diff_sq, r.norm_sq, r.restart_dot);
       },
       py::arg("Y"), py::arg("YM"), py::arg("N"), py::arg("W_prev"), py::arg("W_out"), py::arg("Y_out"), py::arg("n"),
       py::arg("step"), py::arg("tau"), py::arg("beta"), py::arg("on_cuda") = false, py::arg("stream") = 0,
-      "One fused FISTA step on fp32 buffers of n elements; returns (nnz, sum (W_out-W_prev)^2, sum W_out^2)");
+      "One fused FISTA step on fp32 buffers of n elements; returns (nnz, sum (W_out-W_prev)^2, sum W_out^2, "
+      "sum (Y-W_out)*(W_out-W_prev))");
   m.def(
       "csr_count",
       [](uintptr_t W, int64_t rows, int64_t cols, int dtype, uintptr_t indptr, bool on_cuda, uintptr_t stream) {

@@ -6,7 +6,9 @@
 //   W_out = w
 //   Y_out = w + beta * (w - W_prev)        momentum (beta = (t - 1) / t_next)
 //
-// returned: nnz(w), sum (w - W_prev)^2, sum w^2 (fp64 accumulators).
+// returned: nnz(w), sum (w - W_prev)^2, sum w^2 and sum (Y - w) * (w - W_prev) (fp64 accumulators). The last
+// is O'Donoghue-Candes' gradient-restart test: momentum is reset when it is > 0 (ops/fista.py), so the solver
+// needs no extra pass over Y_k for it (and Y_out may overwrite Y).
 // W_out may alias W_prev and Y_out may alias Y: each element i is read before it is written.
 #pragma once
 #include <cmath>
@@ -20,6 +22,7 @@ struct FistaStats {
   int64_t nnz;     // nonzero entries of W_out
   double diff_sq;  // sum (W_out - W_prev)^2
   double norm_sq;  // sum W_out^2
+  double restart_dot;  // sum (Y - W_out) * (W_out - W_prev)
 };
 
 // The per-element math, shared by the CPU and CUDA paths. Branch-free (vectorises: a data-dependent branch

@@ -273,6 +273,9 @@ def test_cuda_step_and_solver_match_cpu():
     args = [t.cuda() for t in _inputs((3, 67, 40), seed=11)]
     with backend.force("native"):
         native = fista.fista_step(*args, 0.37, 0.3, 0.61)
+        with_dot = fista.fista_step(*args, 0.37, 0.3, 0.61, restart_dot=True)
+    cpu_dot = fista.fista_step_reference(*(t.cpu() for t in args), 0.37, 0.3, 0.61, restart_dot=True)[5]
+    assert abs(with_dot[5] - cpu_dot) <= 1e-4 * abs(cpu_dot) + 1e-6
     exact = _fp64_step(*(t.cpu() for t in args), 0.37, 0.3, 0.61)
     torch32 = fista.fista_step_reference(*(t.cpu() for t in args), 0.37, 0.3, 0.61)
     _check_against_fp64([native[0].cpu(), native[1].cpu(), *native[2:]], torch32, exact, 0.3)
@@ -336,6 +339,28 @@ def test_restart_native_matches_reference():
     assert (res.W - ref.W).abs().max() <= 1e-4 * ref.W.abs().max()
     stat, slack = _kkt(res.W.double(), M, N, mu)
     assert stat < 1e-4 and slack < 1e-4
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(1,), (7,), (4097,), (3, 67, 41), (2, 320, 768)])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_restart_dot_native_vs_fp64(shape, in_place):
+    """The fused fifth reduction sum (Y - W)(W - W_prev), with Y read before an aliased Y_out is written."""
+    Y, YM, N, Wp = _inputs(shape, seed=sum(shape))
+    w64, _, _, _, _ = _fp64_step(Y, YM, N, Wp, 0.37, 0.3, 0.61)
+    want = float(((Y.double() - w64) * (w64 - Wp.double())).sum())
+    scale = float(((Y.double() - w64).abs() * (w64 - Wp.double()).abs()).sum())
+    ref = fista.fista_step_reference(Y.clone(), YM, N, Wp.clone(), 0.37, 0.3, 0.61, restart_dot=True)
+    Yn, Wn = Y.clone(), Wp.clone()
+    kw = dict(W_out=Wn, Y_out=Yn) if in_place else {}
+    with backend.force("native"):
+        nat = fista.fista_step(Yn, YM, N, Wn, 0.37, 0.3, 0.61, restart_dot=True, **kw)
+    assert len(nat) == 6 and len(ref) == 6
+    for got in (nat[5], ref[5]):
+        assert abs(got - want) <= 64 * EPS32 * scale + 1e-30, (got, want)
+    # without the flag: the 5-tuple contract is unchanged
+    with backend.force("native"):
+        assert len(fista.fista_step(Y, YM, N, Wp, 0.37, 0.3, 0.61)) == 5
 
 
 def test_restart_option_validation_and_mu_zero():

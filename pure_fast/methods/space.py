@@ -237,6 +237,7 @@ def _solve_all(weights, chunks, M, B, mu, opts, warm, A, bar, solve_index, lam_m
             "restarts": res.restarts, "lipschitz": res.lipschitz, "lambda_max": lam_max,
             "zero_fraction": res.zero_fraction, "time_s": time.perf_counter() - t0,
             "gram_route": "factored" if isinstance(M, ShiftedLowRank) else "dense",
+            "gram_rank": M.k if isinstance(M, ShiftedLowRank) else None,
             "history_iterations": hist_k, "objective": hist_f, "sparsity": hist_z,
         })
     return out, stats

@@ -25,11 +25,11 @@ momentum is thrown away (``t = 1``, ``Y_{k+1} = W_{k+1}``) when ``(Y_k - W_{k+1}
 i.e. when the generalized gradient ``L (Y_k - W_{k+1})`` makes an acute angle with the last move, the
 momentum now points uphill. FISTA without restart oscillates on ill-conditioned problems (SPACE's ``M`` has
 κ ≈ 360 on the toy model) and stalls; with restart it converges linearly on strongly convex problems.
-The decision is made on the host from one dot product; the native step is unchanged. To keep ``Y_k``,
-the step writes ``Y_{k+1}`` into a second buffer (the two swap every iteration), and the free ``YM``
-buffer receives ``Y_{k+1} - W_{k+1} = beta (W_{k+1} - W_k)``; the test is then the sign of
-``dot(Y_k - W_{k+1}, Y_{k+1} - W_{k+1})`` (beta > 0; at beta = 0 the momentum is already nil). Cost: two
-elementwise passes and one dot per iteration (no GEMM) and one extra buffer. The function-value scheme
+The dot product is a fifth reduction of the fused step (``restart_dot=True``: ``sum (Y_k - W_{k+1})
+(W_{k+1} - W_k)`` accumulated in float64 while Y_k is read, before Y_out overwrites it), so the test costs no
+extra pass and no extra buffer: the step updates W and Y in place, and on a restart (beta > 0, dot > 0;
+at beta = 0 the momentum is already nil) one copy sets ``Y_{k+1} = W_{k+1}``. (Before, the test took two
+more elementwise passes, a dot and a spare [L, d_out, d_in] buffer per iteration.) The function-value scheme
 (restart when F rises) is not used: F(W_k) needs another ``W M`` product per iteration, which doubles the
 cost of an iteration; the gradient scheme is the one O'Donoghue & Candès recommend for that reason.
 """
@@ -70,11 +70,13 @@ def fista_step_reference(
     *,
     W_out: Optional[torch.Tensor] = None,
     Y_out: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
+    restart_dot: bool = False,
+) -> tuple:
     """The step in plain torch ops (the eager baseline and the ground truth in tests).
 
-    Returns ``(W, Y_next, nnz(W), sum (W - W_prev)^2, sum W^2)``. ``W_out`` / ``Y_out`` receive the results
-    when given (they may be ``W_prev`` / ``Y`` themselves).
+    Returns ``(W, Y_next, nnz(W), sum (W - W_prev)^2, sum W^2)``, and with ``restart_dot=True`` also
+    ``sum (Y - W) (W - W_prev)`` (the gradient-restart test, accumulated in float64). ``W_out`` / ``Y_out``
+    receive the results when given (they may be ``W_prev`` / ``Y`` themselves).
     """
     g = Y - (YM - N) * step
     w = torch.sign(g) * (g.abs() - tau).clamp_min(0)
@@ -83,13 +85,14 @@ def fista_step_reference(
     nnz = int(torch.count_nonzero(w))
     diff_sq = float((d * d).sum())
     norm_sq = float((w * w).sum())
+    rdot = float(((Y.double() - w.double()) * d.double()).sum()) if restart_dot else None  # before Y_out is written
     if W_out is not None:
         W_out.copy_(w.view_as(W_out))
         w = W_out
     if Y_out is not None:
         Y_out.copy_(y.view_as(Y_out))
         y = Y_out
-    return w, y, nnz, diff_sq, norm_sq
+    return (w, y, nnz, diff_sq, norm_sq, rdot) if restart_dot else (w, y, nnz, diff_sq, norm_sq)
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
@@ -129,8 +132,10 @@ def fista_step(
     *,
     W_out: Optional[torch.Tensor] = None,
     Y_out: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
-    """One fused FISTA step (see the module docstring); same contract as :func:`fista_step_reference`.
+    restart_dot: bool = False,
+) -> tuple:
+    """One fused FISTA step (see the module docstring); same contract as :func:`fista_step_reference`
+    (``restart_dot=True`` appends ``sum (Y - W)(W - W_prev)``, a fifth fused reduction on the native path).
 
     All tensors must have the same number of elements (any shape, typically ``[L, d_out, d_in]``). fp32
     contiguous tensors on cpu/cuda go to the native kernel (unless a backend is forced); anything else runs
@@ -155,7 +160,8 @@ def fista_step(
         _check_out(Y_out, "Y_out", inputs, {})
     ts = [Y, YM, N, W_prev] + [t for t in (W_out, Y_out) if t is not None]
     if not (_native_ok(ts) and backend.choose(Y.device.type, native=True) == "native"):
-        return fista_step_reference(Y, YM, N, W_prev, step, tau, beta, W_out=W_out, Y_out=Y_out)
+        return fista_step_reference(Y, YM, N, W_prev, step, tau, beta, W_out=W_out, Y_out=Y_out,
+                                    restart_dot=restart_dot)
 
     from .. import _native
 
@@ -171,11 +177,11 @@ def fista_step(
         Y_out = torch.empty_like(Y)
     _check_out(W_out, "W_out", inputs, {"Y_out": Y_out})
     _check_out(Y_out, "Y_out", inputs, {})
-    nnz, diff_sq, norm_sq = C.fista_step(
+    nnz, diff_sq, norm_sq, rdot = C.fista_step(
         Y.data_ptr(), YM.data_ptr(), N.data_ptr(), W_prev.data_ptr(), W_out.data_ptr(), Y_out.data_ptr(),
         Y.numel(), float(step), float(tau), float(beta), on_cuda, _native.stream_handle(Y),
     )  # fmt: skip
-    return W_out, Y_out, nnz, diff_sq, norm_sq
+    return (W_out, Y_out, nnz, diff_sq, norm_sq, rdot) if restart_dot else (W_out, Y_out, nnz, diff_sq, norm_sq)
 
 
 # --------------------------------------------------------------------------------------------- the solver
@@ -312,7 +318,6 @@ def fista_solve(
     scratch = W.new_empty(YM2.shape[0], Mw.k) if factored else None
     step_fn = fista_step_reference if reference else fista_step
 
-    Y_spare = torch.empty_like(Y) if restart else None  # Y_{k+1} goes here so that Y_k survives the step
     t = 1.0
     it, converged, rel, restarts = 0, False, float("inf"), 0
     objective, sparsity = [], []
@@ -324,19 +329,14 @@ def fista_solve(
             torch.mm(Y.view(-1, d_in), Mw, out=YM2)
         t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
         beta = (t - 1.0) / t_next
-        Y_out = Y_spare if restart else Y
-        _, _, nnz, diff_sq, norm_sq = step_fn(Y, YM, Nw, W, step, tau, beta, W_out=W, Y_out=Y_out)
+        _, _, nnz, diff_sq, norm_sq, rdot = step_fn(Y, YM, Nw, W, step, tau, beta, W_out=W, Y_out=Y,
+                                                     restart_dot=True)
         rel = math.sqrt(diff_sq / max(norm_sq, _TINY))
         t = t_next
-        if restart:
-            if beta > 0.0:
-                Y.sub_(W)  # Y_k - W_{k+1} (Y_k is not needed any more)
-                torch.sub(Y_out, W, out=YM)  # beta (W_{k+1} - W_k); YM is recomputed next iteration
-                if float(torch.dot(Y.view(-1), YM.view(-1))) > 0.0:
-                    Y_out.copy_(W)
-                    t = 1.0
-                    restarts += 1
-            Y, Y_spare = Y_out, Y
+        if restart and beta > 0.0 and rdot > 0.0:  # momentum points uphill: Y_{k+1} = W_{k+1}, t = 1
+            Y.copy_(W)
+            t = 1.0
+            restarts += 1
         if history:
             objective.append(fista_objective(W, Mw, Nw, mu))
             sparsity.append(1.0 - nnz / numel if numel else 0.0)
