@@ -213,3 +213,23 @@ def test_cli_erase_and_inspect(tiny_sd1_dir, tmp_path, capsys):
     assert main(["erase", "--model", tiny_sd1_dir, "--method", "uce", "--forget", "X", "--option", "lam=-1",
                  "--out", str(tmp_path / "bad.safetensors")]) == 2
     assert "lam=-1" in capsys.readouterr().err and not os.path.exists(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("n_e,n_p,d", [(1, 0, 48), (3, 5, 48), (20, 40, 48), (4, 8, 768)])
+def test_uce_factors_woodbury_matches_dense_cholesky(n_e, n_p, d):
+    """uce_factors applies M⁻¹ by Woodbury when k = n_e + n_p < d (a k x k solve); it must equal the d x d
+    Cholesky solve with M = λI + s_e C_eᵀC_e + s_p C_pᵀC_p (k >= d takes that route itself)."""
+    from pure_fast.methods.uce import TextTokens, uce_factors, uce_matrices
+
+    g = torch.Generator().manual_seed(n_e * 100 + n_p)
+    tok = TextTokens(C_e=torch.randn(n_e, d, generator=g, dtype=torch.float64),
+                     C_g=torch.randn(n_e, d, generator=g, dtype=torch.float64),
+                     C_p=torch.randn(n_p, d, generator=g, dtype=torch.float64))
+    lam, s_e, s_p = 0.5, 1.0, 0.3
+    U, V = uce_factors(tok, lam, s_e, s_p)
+    M, B = uce_matrices(tok, lam, s_e, s_p)
+    V_ref = torch.linalg.solve(M, tok.C_e.T)
+    assert float((V - V_ref).norm() / V_ref.norm()) < 1e-10
+    A = torch.eye(d, dtype=torch.float64) + U @ V.T
+    A_ref = torch.linalg.solve(M, B.T).T  # B M^-1 (M symmetric)
+    assert float((A - A_ref).norm() / A_ref.norm()) < 1e-10
