@@ -85,3 +85,34 @@ def test_fused_qkv_refused(tiny_sd1):
     unet.fuse_qkv_projections()
     with pytest.raises(ModelLoadError, match="unfuse_qkv_projections"):
         find_cross_attention_layers(unet)
+
+
+def test_recorder_spans_equal_per_group_indexing(tiny_sd1):
+    """Recorder slices contiguous runs of a group instead of indexing with a Python list (a host sync on CUDA);
+    the statistics must equal indexing by group, for contiguous and interleaved layouts, rows and Gram."""
+    from pure_fast.collect.activations import GroupStats
+
+    layers = wrap_pipeline(tiny_sd1).cross_attention_layers()
+    g = torch.Generator().manual_seed(3)
+    for groups, max_rows in ((["a", "a", "b", "b", "b"], None), (["a", "b", "a", "c", "c"], None),
+                             (["a", "b", "a", "c", "c"], 2)):
+        rec = Recorder(layers, max_rows)
+        rec.active, rec.groups, rec.cond_slice = True, groups, slice(len(groups), None)  # CFG: uncond rows first
+        d = layers[0].d_out
+        pooled = [torch.randn(2 * len(groups), d, generator=g) for _ in range(3)]
+        for p in pooled:
+            rec.record(0, p)
+        for name in dict.fromkeys(groups):
+            ref = GroupStats(d, max_rows or d)
+            idx = [i for i, gi in enumerate(groups) if gi == name]
+            for p in pooled:
+                ref.add(p[len(groups):][idx])
+            got = rec.stats[name][0]
+            assert got.n_rows == ref.n_rows == 3 * len(idx)
+            torch.testing.assert_close(got.mean(), ref.mean(), rtol=1e-12, atol=1e-12)
+            if ref.is_gram:
+                assert got.is_gram
+                torch.testing.assert_close(got.gram, ref.gram, rtol=1e-6, atol=1e-5)
+            else:
+                torch.testing.assert_close(got.matrix(), ref.matrix(), rtol=0, atol=0)
+    assert Recorder(layers, None).spans == []

@@ -105,7 +105,14 @@ class GroupStats:
 
 
 class Recorder:
-    """Shared state between the trajectory loop and the processors."""
+    """Shared state between the trajectory loop and the processors.
+
+    ``groups`` (the group of each conditional row of the current batch) is set once per batch; its setter
+    turns it into row spans ``(group, start, stop)``. Samples are laid out group by group, so every group is
+    one contiguous run of rows and :meth:`record` slices (no index tensor: indexing a CUDA tensor with a
+    Python list copies the index from pageable host memory, which synchronises the stream — once per layer
+    per step per group, which would stall the GPU's run-ahead). A group split into several runs gets one
+    span per run (same statistics: rows are summed and appended in order)."""
 
     def __init__(self, layers: Sequence[CrossAttnLayer], max_rows: int | None):
         self.layers = list(layers)
@@ -113,7 +120,23 @@ class Recorder:
         self.stats: dict[str, list[GroupStats]] = {}
         self.active = False
         self.cond_slice = slice(None)
-        self.groups: list[str] = []  # group of each conditional row of the current batch
+        self._groups: list[str] = []
+        self.spans: list[tuple[str, int, int]] = []
+
+    @property
+    def groups(self) -> list[str]:
+        return self._groups
+
+    @groups.setter
+    def groups(self, groups: Sequence[str]) -> None:
+        self._groups = list(groups)
+        spans: list[tuple[str, int, int]] = []
+        for i, g in enumerate(self._groups):
+            if spans and spans[-1][0] == g and spans[-1][2] == i:
+                spans[-1] = (g, spans[-1][1], i + 1)
+            else:
+                spans.append((g, i, i + 1))
+        self.spans = spans
 
     def _group_stats(self, group: str) -> list[GroupStats]:
         if group not in self.stats:
@@ -124,12 +147,11 @@ class Recorder:
         if not self.active:
             return
         rows = pooled[self.cond_slice]
-        if len(set(self.groups)) == 1:
-            self._group_stats(self.groups[0])[layer_index].add(rows)
+        if len(self.spans) == 1:
+            self._group_stats(self.spans[0][0])[layer_index].add(rows)
             return
-        for g in dict.fromkeys(self.groups):
-            idx = [i for i, gi in enumerate(self.groups) if gi == g]
-            self._group_stats(g)[layer_index].add(rows[idx])
+        for g, start, stop in self.spans:
+            self._group_stats(g)[layer_index].add(rows[start:stop])
 
 
 class PooledCrossAttnProcessor:
