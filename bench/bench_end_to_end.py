@@ -252,8 +252,10 @@ def text_method_row(arch, adapter, method, n_concepts, cfg, extra: dict | None =
 
 def compare_space_routes(auto_row: dict, dense_row: dict) -> None:
     """Reference check of SPACE's factored ``Y M`` route: the same solve through the dense GEMM must give the
-    same weights (float32 iterates: max |difference| <= 1e-3 of max |W|); the verdict goes into both rows and a
-    mismatch fails the benchmark."""
+    same stored weights. Both iterate in float32 (their products round differently, ~1e-7) and store float16
+    values, where a 1e-7 difference can flip a rounding by one fp16 ulp (2^-11 relative, up to 2^-10 of max |W|
+    for entries in the top binade), so the bound is 2^-9 of max |W| (4 ulps); a wrong route differs by orders
+    of magnitude more. The verdict goes into both rows and a mismatch fails the benchmark."""
     a, d = auto_row.get("_edit"), dense_row.get("_edit")
     if a is None or d is None:
         return
@@ -261,8 +263,8 @@ def compare_space_routes(auto_row: dict, dense_row: dict) -> None:
     for n in d.target_weights():
         wa, wd = a.dense(n).double(), d.dense(n).double()
         worst = max(worst, float((wa - wd).abs().max() / wd.abs().max().clamp_min(1e-30)))
-    msg = f"factored vs dense Y M: max |dW| / max |W| = {worst:.1e} (<= 1e-3)"
-    if not worst <= 1e-3:
+    msg = f"factored vs dense Y M: max |dW| / max |W| = {worst:.1e} (<= 2^-9, fp16 storage)"
+    if not worst <= 2.0**-9:
         raise AssertionError(f"SPACE routes disagree: {msg}")
     for r in (auto_row, dense_row):
         r["check"] = f"{r['check']}; {msg}"
