@@ -170,22 +170,32 @@ class Edit:
         )
 
     @torch.no_grad()
+    def new_values(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The values ``apply`` writes: target name -> new weight in the weight's dtype (the model untouched).
+
+        Computed in float64, rounded once; raises NumericalError when a result is not finite. ``weights``:
+        the model's K/V weights (``validate_against``'s result).
+        """
+        from ..ops.finite import finite_stats
+
+        names = self.target_weights()
+        computed = dict(self.new_weights({n: weights[n].detach().to(torch.float64) for n in names}))
+        new_values = {}
+        for name in names:
+            new = computed.pop(name).to(weights[name].dtype)  # pop: float64 results freed as we go
+            if finite_stats(new)[0]:
+                raise NumericalError(f"applying the edit makes {name} non-finite; the model was not changed")
+            new_values[name] = new
+        return new_values
+
+    @torch.no_grad()
     def apply(self, model, *, check: bool = True, force: bool = False) -> "Edit":
         """Apply to a pipeline / adapter / UNet in place. Returns self."""
         unet = resolve_unet(model)
         weights = self.validate_against(unet)
         if check and not force:
             self.check_fingerprint(unet, weights)
-        from ..ops.finite import finite_stats
-
-        names = self.target_weights()
-        computed = self.new_weights({n: weights[n].detach().to(torch.float64) for n in names})
-        new_values = {}
-        for name in names:
-            new = computed[name].to(weights[name].dtype)
-            if finite_stats(new)[0]:
-                raise NumericalError(f"applying the edit makes {name} non-finite; the model was not changed")
-            new_values[name] = new
+        new_values = self.new_values(weights)
         backups = {}
         for name, new in new_values.items():
             p = weights[name]
