@@ -39,6 +39,10 @@ How it is made fast (the digest values do not depend on any of it):
 - **Background.** ``Background(weights)`` takes the fingerprint in a thread while the caller goes on
   (``api.erase`` on CUDA: the GPU is busy with collection, the CPU cores are idle); its errors are re-raised
   by ``result()``.
+- **Measured** (2-core CPU, OMP_NUM_THREADS=2, SDXL K/V shapes in bf16: 140 random weights, 682 MB; median
+  of 3 against the previous implementation in the same process): ``fingerprints`` 1.23 s -> 0.91 s (2
+  passes instead of 3); ``matches`` of an edit made on the float32 model against its bf16 load 0.86 s ->
+  0.38 s (one pass instead of two). More threads only pay on many-core hosts (the H100 host has 16 CPUs).
 - **Cancellation.** ``fingerprint_parts(..., cancel=event)`` stops handing out tasks once the event is set
   (``api.erase`` sets it when the method fails, so it does not wait for a fingerprint nobody will use).
 """
