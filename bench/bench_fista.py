@@ -94,8 +94,11 @@ def iteration_rows(device: str, reps: int = 5, cases=None) -> list[dict]:
         N = M.to(device, torch.float32).right_mm(W0) + 1e-3 * torch.randn(shape, generator=g).to(device)
         Mf = M.to(device, torch.float32)
         kw = dict(max_iter=iters, tol=1e-30, restart=True)
-        a = fista_solve(W0, Mf, N, 1e-3, **kw)
-        b = fista_solve(W0, Md, N, 1e-3, **kw)
+        # verified without restarts: the momentum schedule is then fixed, so the routes differ by rounding only
+        # (with restarts, a test that sits at 0 could go either way and the paths legitimately part)
+        check = dict(kw, restart=False)
+        a = fista_solve(W0, Mf, N, 1e-3, **check)
+        b = fista_solve(W0, Md, N, 1e-3, **check)
         err = float((a.W - b.W).abs().max() / b.W.abs().max().clamp_min(1e-30))
         if not (a.iterations == b.iterations == iters and err <= 1e-4):
             raise AssertionError(f"{name} k={k}: factored vs dense solutions differ ({err:.2e} of max |W|)")
@@ -109,7 +112,7 @@ def iteration_rows(device: str, reps: int = 5, cases=None) -> list[dict]:
                 "table": "fista_iteration", "case": f"{name}, k={k}, {iters} iterations", "dtype": "fp32",
                 "provider": prov, "ms": round(t[prov], 2), "ratio": round(t["dense"] / t[prov], 2),
                 "ms_per_iteration": round(t[prov] / iters, 3),
-                "check": f"routes agree: max |dW| / max |W| = {err:.1e} (<= 1e-4)",
+                "check": f"routes agree (no restart): max |dW| / max |W| = {err:.1e} (<= 1e-4)",
                 "note": f"Y M {flops / iters / 1e9:.1f} GFLOP per iteration",
             })  # fmt: skip
         del W0, N, F, Md, Mf

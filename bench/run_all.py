@@ -82,6 +82,8 @@ def render_results() -> str:
         except (OSError, ValueError) as e:
             parts.append(f"### {path.name}\n\nunreadable: {e}\n")
             continue
+        if not isinstance(data, dict) or "benches" not in data:
+            continue  # reports with their own markdown (quality, probe, storage, memory) are not run_all output
         env = data.get("env", {})
         parts.append(f"### {data.get('device_name', path.stem)}\n")
         parts.append(
