@@ -74,3 +74,48 @@ def test_union_of_nearly_collinear_bases():
     b = torch.linalg.qr(b)[0]
     V, r = union_basis([a, b])
     assert int(r[0]) == 3 and torch.isfinite(V).all()
+
+
+def _random_overlapping_bases(L=4, d=40, seed=0):
+    """Orthonormal bases per layer sharing directions (exactly, nearly, not at all), with zero columns."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.linalg.qr(torch.randn(L, d, 3, generator=g, dtype=torch.float64))[0]
+    out = []
+    for i, k in enumerate((5, 4, 6, 2)):
+        own = torch.randn(L, d, k, generator=g, dtype=torch.float64)
+        M = torch.cat([common[:, :, : 1 + i % 3], own], dim=2)
+        if i == 2:  # a direction 1e-9 away from a shared one: the same direction to any tolerance
+            M[:, :, -1] = common[:, :, 0] + 1e-9 * own[:, :, 0]
+        V = torch.linalg.qr(M)[0]
+        if i == 1:  # masked bases: layer 0 has rank 2 only (zero columns past it)
+            V[0, :, 2:] = 0
+        out.append(V)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_union_basis_equals_svd_reference(seed):
+    from pure_fast.ops.batched_svd import union_basis_svd
+
+    bases = _random_overlapping_bases(seed=seed)
+    V, r = union_basis(bases)
+    Vs, rs = union_basis_svd(bases)
+    assert r.tolist() == rs.tolist()
+    assert float(projector_distance(V, Vs).max()) < 1e-10
+    for j in range(V.shape[0]):  # orthonormal kept columns, zero columns past the rank
+        k = int(r[j])
+        torch.testing.assert_close(V[j, :, :k].T @ V[j, :, :k], torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-12)
+        assert float(V[j, :, k:].abs().max()) == 0.0 if V.shape[2] > k else True
+    # every input direction lies in the union
+    for B in bases:
+        resid = B - V @ (V.transpose(1, 2) @ B)
+        assert float(resid.abs().max()) < 1e-8
+
+
+def test_union_basis_edge_cases():
+    e = torch.eye(5, dtype=torch.float64)[None]
+    V, r = union_basis([e[:, :, :0], e[:, :, :2] * 0])  # nothing at all
+    assert r.tolist() == [0] and V.shape[2] == 0
+    V, r = union_basis([e[:, :, :2], e[:, :, :2], e[:, :, 1:3]])  # duplicates kept once
+    assert r.tolist() == [3]
+    assert float(projector_distance(V, e[:, :, :3]).max()) < 1e-12

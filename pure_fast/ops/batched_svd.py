@@ -236,11 +236,69 @@ def centered_basis(
     return V[:, :, :k], ranks
 
 
-def union_basis(bases: list[torch.Tensor], tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormal basis of the sum of subspaces (each [L, d, k_i], zero columns allowed), batched.
+def union_basis(bases: list[torch.Tensor], tol: float = 1e-6, block_columns: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal basis of the sum of subspaces (each [L, d, k_i], orthonormal or zero columns), batched.
 
     Returns (V [L, d, k] masked, ranks [L]). Directions shared by several inputs are kept once.
+
+    Block Gram-Schmidt over the inputs (concatenated into blocks of about ``block_columns`` columns), all
+    layers at once: the part of each block outside the span gathered so far, ``R = B - Q Qᵀ B``, keeps the
+    directions with singular value above ``tol``, found by the eigen-decomposition of the small Gram ``RᵀR``
+    (eigenvalue > tol²), scaled to unit length, projected off Q a second time ("twice is enough") and
+    orthonormalised by a second such eigen step. Cost: a few batched GEMMs per block over Q plus ``block x block`` eigenproblems,
+    instead of the SVD of the whole ``[d, Σ k_i]`` stack (``union_basis_svd``, the reference). The span is the
+    same; only directions within ~``tol`` of the others can be decided differently (for two inputs sharing a
+    direction at angle θ: dropped at θ ≤ √2 tol in the same block, as the SVD does, θ ≤ tol across blocks).
+    Columns come in block order (not by singular value); everything downstream uses the projector.
     """
+    if not bases:
+        raise ValueError("union_basis needs at least one basis")
+    # inputs are taken in blocks of about ``block_columns`` columns: fewer, fatter products over Q
+    mats, pending = [], []
+    for b in bases:
+        pending.append(b.to(torch.float64))
+        if sum(p.shape[2] for p in pending) >= block_columns:
+            mats.append(torch.cat(pending, dim=2))
+            pending = []
+    if pending:
+        mats.append(torch.cat(pending, dim=2))
+    L, d = mats[0].shape[0], mats[0].shape[1]
+    dev = mats[0].device
+    ranks = torch.zeros(L, dtype=torch.long, device=dev)
+    Q = mats[0].new_zeros(L, d, 0)
+    tol2 = tol * tol
+    for V in mats:
+        if V.shape[2] == 0:
+            continue
+        R = V - Q @ (Q.transpose(1, 2) @ V) if Q.shape[2] else V
+        N, _ = _orthonormal_directions(R, tol2)
+        if Q.shape[2]:  # second Gram-Schmidt pass, on the scaled directions: removes what the first pass's
+            N = N - Q @ (Q.transpose(1, 2) @ N)  # rounding and the 1/sqrt(lambda) scaling left along Q
+        N, keep = _orthonormal_directions(N, 0.25)  # kept columns have norm ~1, dropped ones are 0
+        ranks = ranks + keep.sum(-1)
+        Q = torch.cat([Q, N], dim=2)
+    if Q.shape[2] == 0:
+        return Q, ranks
+    order = torch.argsort((Q.abs().sum(1) == 0).to(torch.int8), dim=1, stable=True)
+    Q = torch.gather(Q, 2, order[:, None, :].expand(-1, d, -1))
+    k = int(ranks.max())
+    mask = torch.arange(k, device=dev)[None, :] < ranks[:, None]
+    return Q[:, :, :k] * mask[:, None, :], ranks
+
+
+def _orthonormal_directions(R: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns spanning R's directions with Gram eigenvalue > floor: ``(R U / sqrt(lambda)) masked``, and the
+    mask [L, k] (the eigenvectors of the k x k Gram ``RᵀR``, so only small eigenproblems)."""
+    G = R.transpose(1, 2) @ R
+    evals, U = torch.linalg.eigh(0.5 * (G + G.transpose(1, 2)))
+    keep = evals > floor
+    scale = torch.where(keep, evals.clamp(min=floor).rsqrt(), torch.zeros_like(evals))
+    return (R @ U) * scale[:, None, :], keep
+
+
+def union_basis_svd(bases: list[torch.Tensor], tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference for :func:`union_basis`: left singular vectors of the stacked bases with singular value
+    > ``tol`` (one SVD of ``[d, Σ k_i]`` per layer). Returns (V [L, d, k] masked, ranks [L])."""
     cat = torch.cat([b.to(torch.float64) for b in bases], dim=2)
     if cat.shape[2] == 0:
         return cat, torch.zeros(cat.shape[0], dtype=torch.long, device=cat.device)
