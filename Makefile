@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NATIVE_STAMP := $(VENV)/.native
 
-.PHONY: demo test test-slow test-all native bench bench-gpu fuzz clean
+.PHONY: demo test test-slow test-all native bench bench-gpu gpu-carry fuzz clean
 
 $(STAMP): requirements-dev.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ bench: $(NATIVE_STAMP)
 
 bench-gpu: $(NATIVE_STAMP)
 	$(PY) bench/run_all.py --device cuda
+
+# before a session with a lent GPU machine (no registry there): the wheels it lacks, into .gpu_carry/;
+# then run `bash bench/gpu/session.sh checks` and `... end_to_end` there with .gpu_carry carried (bench/README.md)
+gpu-carry: $(STAMP)
+	PY=$(PY) sh bench/gpu/fetch_carry.sh
 
 # bounded fuzzing of the native CSR reader (libFuzzer + ASan/UBSan with clang, else a g++ driver); not in `make test`
 FUZZ_SECONDS ?= 60

@@ -1,0 +1,58 @@
+#!/bin/bash
+# Run ON the lent GPU machine, from the repository root, with .gpu_carry carried (bench/gpu/fetch_carry.sh):
+#
+#   run(command="bash bench/gpu/session.sh checks", carry=[".gpu_carry"], timeout_s=600)
+#   run(command="bash bench/gpu/session.sh end_to_end", carry=[".gpu_carry"], timeout_s=600)
+#
+# Each call installs the carried wheels into the machine's python3 (no registry there), builds pure_fast._C
+# with its CUDA kernels (nvcc, sm_80/sm_90), checks that they load, then:
+#   checks     : pytest -m gpu (Triton hook, FISTA/CSR CUDA kernels, batched application, fingerprints on CUDA)
+#                and the microbenchmarks hook, estimate, apply, fista, csr, swap (bench/run_all.py --device cuda)
+#   end_to_end : bench/run_all.py --device cuda --only end_to_end (SDXL and SD1.5 bf16: PURE 1/10/50, UCE,
+#                CURE, SPACE both Y M routes, collection vs plain passes, FISTA fraction of bf16 peak)
+#   all        : both (needs more than one 10-minute call on an H100; use the two above)
+# Results come back under $OUT (at most 8 files): the GPU results JSON, bench/README.md with its tables
+# regenerated, the test log and this script's log. Commit them to bench/results/ and bench/README.md.
+# DEVICE=cpu (with PY=.venv/bin/python, BENCHES=hook) dry-runs the plumbing on a machine without a GPU.
+set -uo pipefail
+what=${1:-checks}
+OUT=${OUT:-/tmp/pure_fast_gpu_out}
+mkdir -p "$OUT"
+log="$OUT/session_${what}.log"
+exec > >(tee -a "$log") 2>&1
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+BENCHES=${BENCHES:-hook,estimate,apply,fista,csr,swap}
+export HF_HUB_OFFLINE=1 PURE_FAST_PROGRESS=0
+echo "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null) on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
+if ls .gpu_carry/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-deps --no-index .gpu_carry/*.whl || exit 3
+else
+  echo "no .gpu_carry/*.whl: run bench/gpu/fetch_carry.sh here first and carry .gpu_carry" ; exit 3
+fi
+$PY -m pip install -q --no-build-isolation --no-deps -e . || exit 4
+DEVICE=$DEVICE $PY - <<'PYEOF' || exit 5
+import os, torch, pure_fast._C as C
+if os.environ["DEVICE"] == "cuda":
+    assert torch.cuda.is_available(), "no CUDA device"
+    assert C.has_cuda(), "pure_fast._C was built without CUDA"
+import diffusers, transformers, triton
+print("torch", torch.__version__, "triton", triton.__version__, "diffusers", diffusers.__version__,
+      "transformers", transformers.__version__,
+      "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+PYEOF
+status=0
+if [ "$what" = checks ] || [ "$what" = all ]; then
+  $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  $PY bench/run_all.py --device "$DEVICE" --only "$BENCHES" || status=1
+fi
+if [ "$what" = end_to_end ] || [ "$what" = all ]; then
+  $PY bench/run_all.py --device "$DEVICE" --only end_to_end || status=1
+fi
+for f in bench/results/*.json; do
+  case "$f" in *amd-epyc*|*quality*|*probe*|*storage*|*memory*) ;; *) cp "$f" "$OUT/" ;; esac
+done
+cp bench/README.md "$OUT/bench_README.md"
+echo "== done, status $status; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+exit $status
