@@ -72,6 +72,14 @@ def atomic_dir(path: str):
         raise
 
 
+def write_text(path, text: str) -> str:
+    """Write a text file (UTF-8) through a temp file and an atomic rename."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    return os.fspath(path)
+
+
 def save_safetensors(tensors: dict, path: str, metadata: dict[str, str] | None = None) -> str:
     from safetensors.torch import save_file
 

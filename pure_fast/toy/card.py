@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import write_text
 from . import world
 
 REQUIRED = 0.85
@@ -49,8 +50,8 @@ def write_card(weights_dir: Path, *, training: dict | None = None, unet_params: 
         card["detectors"] = json.loads((weights_dir / "detector.json").read_text())
     if extra:
         card.update(extra)
-    (weights_dir / "model_card.json").write_text(json.dumps(card, indent=1))
-    (weights_dir / "MODEL_CARD.md").write_text(_markdown(card))
+    write_text(weights_dir / "model_card.json", json.dumps(card, indent=1))
+    write_text(weights_dir / "MODEL_CARD.md", _markdown(card))
     return card
 
 
@@ -151,7 +152,7 @@ def main(argv=None):
     if args.set_default_guidance is not None and not args.dry_run:
         cfg = json.loads((wd / "config.json").read_text())
         cfg["default_guidance"] = args.set_default_guidance
-        (wd / "config.json").write_text(json.dumps(cfg, indent=1))
+        write_text(wd / "config.json", json.dumps(cfg, indent=1))
     adapter = load_toy(weights_dir=wd)
     t0 = time.time()
     acc = measure(adapter, seeds=tuple(range(args.seeds)), steps=args.steps, guidance=args.guidance)

@@ -216,16 +216,16 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.train:
-        from safetensors.torch import save_file
+        from ..fileio import save_safetensors, write_text
 
         net, secs = train(args.steps)
         acc = evaluate(args.eval_n, net=net)
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.half().contiguous() for k, v in net.state_dict().items()}, str(out / "detector.safetensors"))
+        save_safetensors({k: v.half().contiguous() for k, v in net.state_dict().items()}, str(out / "detector.safetensors"))
         info = {"heldout_accuracy": acc, "heldout_n": args.eval_n, "heldout_seed": 12345, "train_steps": args.steps,
                 "train_seconds": round(secs, 1), "train_seed": 7, "input_size": CNN_SIZE,
                 "colour_rule": f"saturation>={SAT_MIN}, value>={VAL_MIN}, nearest hue centre, weighted by saturation"}
-        (out / "detector.json").write_text(json.dumps(info, indent=1))
+        write_text(out / "detector.json", json.dumps(info, indent=1))
         load_cnn.cache_clear()
         print(json.dumps(info))
     else:

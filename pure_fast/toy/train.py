@@ -80,11 +80,11 @@ def load_checkpoint(out: Path, unet, opt):
 
 # ---- export ------------------------------------------------------------------------------------------
 def export(ema: dict, unet_config: dict, state: dict, args, weights_dir: Path):
-    from safetensors.torch import save_file
+    from ..fileio import save_safetensors, write_text
 
     weights_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.half().contiguous() for k, v in ema.items()}, str(weights_dir / "unet.safetensors"),
-              metadata={"format": "pt", "source": "pure_fast.toy.train (EMA)"})
+    save_safetensors({k: v.half().contiguous() for k, v in ema.items()}, str(weights_dir / "unet.safetensors"),
+                     metadata={"format": "pt", "source": "pure_fast.toy.train (EMA)"})
     training = {
         "steps": state["step"],
         "batch_size": args.batch_size,
@@ -112,7 +112,7 @@ def export(ema: dict, unet_config: dict, state: dict, args, weights_dir: Path):
         "null_caption": NULL_CAPTION,
         "training": training,
     }
-    (weights_dir / "config.json").write_text(json.dumps(meta, indent=1))
+    write_text(weights_dir / "config.json", json.dumps(meta, indent=1))
     from .card import write_card
 
     write_card(weights_dir, training=training, unet_params=sum(v.numel() for v in ema.values()))
