@@ -10,7 +10,8 @@
 #                and the microbenchmarks hook, estimate, apply, fista, csr, swap (bench/run_all.py --device cuda)
 #   end_to_end : bench/run_all.py --device cuda --only end_to_end (SDXL and SD1.5 bf16: PURE 1/10/50, UCE,
 #                CURE, SPACE both Y M routes, collection vs plain passes, FISTA fraction of bf16 peak)
-#   all        : both (needs more than one 10-minute call on an H100; use the two above)
+#   compile    : bench_compile (torch.compile and CUDA graphs on the UNet pass, plain and hooked)
+#   all        : all three (needs more than one 10-minute call on an H100; use them one by one)
 # Results come back under $OUT (at most 8 files): the GPU results JSON, bench/README.md with its tables
 # regenerated, the test log and this script's log. Commit them to bench/results/ and bench/README.md.
 # DEVICE=cpu (with PY=.venv/bin/python, BENCHES=hook) dry-runs the plumbing on a machine without a GPU.
@@ -49,6 +50,9 @@ if [ "$what" = checks ] || [ "$what" = all ]; then
 fi
 if [ "$what" = end_to_end ] || [ "$what" = all ]; then
   $PY bench/run_all.py --device "$DEVICE" --only end_to_end || status=1
+fi
+if [ "$what" = compile ] || [ "$what" = all ]; then
+  $PY bench/run_all.py --device "$DEVICE" --only compile || status=1
 fi
 for f in bench/results/*.json; do
   case "$f" in *amd-epyc*|*quality*|*probe*|*storage*|*memory*) ;; *) cp "$f" "$OUT/" ;; esac
