@@ -13,6 +13,10 @@ PURE estimates one basis per layer from the pooled activations ``H [n, d_out]`` 
   small eigenproblems) vs ``union_basis_svd`` (one SVD of the [d, 650] stack per layer, the reference and
   baseline), verified by equal ranks and projector distance <= 1e-8. CPU: the 60 layers of width 1280;
   CUDA: all 70 layers.
+* ``eigh`` (table ``eigh``, CUDA only): the small batched eigenproblems PURE solves ([70, 80, 80], [70, 160, 160]
+  Gram matrices, the union's [60, 130, 130] blocks), torch's CUDA ``linalg.eigh`` (``device``, baseline)
+  vs the host route ``batched_eigh`` takes by default (``host``: copy, LAPACK, copy back), verified by equal
+  eigenvalues (1e-9) and the reconstruction ``V diag(w) Vᵀ = A`` (1e-8).
 
 Providers: ``loop`` (baseline), ``batched`` (one call per shape group), ``batched_per_layer`` (the batched
 function called once per layer: separates the algorithm's gain from the batching's). Every provider is
@@ -121,6 +125,47 @@ def run(device: str = "cpu") -> list[dict]:
         if cuda:
             torch.cuda.empty_cache()
     rows += union_rows(device, timing)
+    if cuda:
+        rows += eigh_rows(device, timing)
+    return rows
+
+
+def eigh_rows(device: str, timing: dict) -> list[dict]:
+    """Small batched eigenproblems on CUDA: torch's device eigh vs the host route (``PURE_FAST_EIGH``)."""
+    import os
+
+    from pure_fast.ops.batched_svd import batched_eigh
+
+    rows = []
+    g = torch.Generator(device="cpu").manual_seed(11)
+    saved = os.environ.get("PURE_FAST_EIGH")
+    try:
+        for L, n in ((70, 80), (70, 160), (60, 130)):
+            a = torch.randn(L, n, n, generator=g, dtype=torch.float64)
+            a = (a @ a.transpose(1, 2) / n).to(device)
+            res, t = {}, {}
+            for mode in ("device", "host"):
+                os.environ["PURE_FAST_EIGH"] = mode
+                w, v = batched_eigh(a)
+                err = float((v @ torch.diag_embed(w) @ v.transpose(1, 2) - a).abs().max() / a.abs().max())
+                if not err <= 1e-8:
+                    raise AssertionError(f"eigh {mode} [{L},{n},{n}]: reconstruction error {err:.1e}")
+                res[mode] = (w, err)
+                t[mode] = common.time_fn(lambda: batched_eigh(a), device, **timing)
+            werr = float((res["host"][0] - res["device"][0]).abs().max() / res["device"][0].abs().max())
+            if not werr <= 1e-9:
+                raise AssertionError(f"eigh [{L},{n},{n}]: host and device eigenvalues differ by {werr:.1e}")
+            base = {"bench": "estimate", "table": "eigh", "case": f"eigh [{L}, {n}, {n}]", "dtype": "fp64"}
+            for mode in ("device", "host"):
+                rows.append({**base, "provider": mode, **t[mode], "ratio": t["device"]["ms"] / t[mode]["ms"],
+                             "check": f"V diag(w) V^T = A ({res[mode][1]:.0e}); eigenvalues agree ({werr:.0e})",
+                             "note": "torch.linalg.eigh on CUDA" if mode == "device" else
+                                     "batched_eigh default: to host, LAPACK, back"})
+    finally:
+        if saved is None:
+            os.environ.pop("PURE_FAST_EIGH", None)
+        else:
+            os.environ["PURE_FAST_EIGH"] = saved
     return rows
 
 

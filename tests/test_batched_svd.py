@@ -119,3 +119,46 @@ def test_union_basis_edge_cases():
     V, r = union_basis([e[:, :, :2], e[:, :, :2], e[:, :, 1:3]])  # duplicates kept once
     assert r.tolist() == [3]
     assert float(projector_distance(V, e[:, :, :3]).max()) < 1e-12
+
+
+def test_batched_eigh_dispatch(monkeypatch):
+    """Small CUDA eigenproblems go to the host (torch's batched CUDA eigh is slow for them); the decision is by
+    device and size, PURE_FAST_EIGH forces it, and the CPU path is torch.linalg.eigh itself."""
+    from pure_fast.ops.batched_svd import HOST_EIGH_MAX_N, batched_eigh, eigh_on_host
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 9, 9, generator=g, dtype=torch.float64)
+    a = a @ a.transpose(1, 2)
+    w, v = batched_eigh(a)
+    w_ref, v_ref = torch.linalg.eigh(a)
+    torch.testing.assert_close(w, w_ref, rtol=0, atol=0)
+    torch.testing.assert_close(v, v_ref, rtol=0, atol=0)
+    small = torch.empty(70, 80, 80, device="meta")  # a stand-in for a non-CPU tensor: only shape and device matter
+    big = torch.empty(2, HOST_EIGH_MAX_N + 1, HOST_EIGH_MAX_N + 1, device="meta")
+    monkeypatch.delenv("PURE_FAST_EIGH", raising=False)
+    assert not eigh_on_host(a) and eigh_on_host(small) and not eigh_on_host(big)
+    monkeypatch.setenv("PURE_FAST_EIGH", "device")
+    assert not eigh_on_host(small)
+    monkeypatch.setenv("PURE_FAST_EIGH", "host")
+    assert eigh_on_host(big) and not eigh_on_host(a)
+    monkeypatch.setenv("PURE_FAST_EIGH", "gpu")
+    with pytest.raises(ValueError, match="PURE_FAST_EIGH"):
+        eigh_on_host(small)
+
+
+@pytest.mark.gpu
+def test_batched_eigh_host_and_device_agree_on_cuda(monkeypatch):
+    from pure_fast.ops.batched_svd import batched_eigh
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(70, 80, 80, generator=g, dtype=torch.float64)
+    a = (a @ a.transpose(1, 2)).cuda()
+    out = {}
+    for mode in ("host", "device"):
+        monkeypatch.setenv("PURE_FAST_EIGH", mode)
+        w, v = batched_eigh(a)
+        assert w.device.type == "cuda" and v.device.type == "cuda"
+        out[mode] = (w, v)
+    torch.testing.assert_close(out["host"][0], out["device"][0], rtol=1e-10, atol=1e-10)
+    for w, v in out.values():  # each a valid decomposition
+        torch.testing.assert_close(v @ torch.diag_embed(w) @ v.transpose(1, 2), a, rtol=1e-9, atol=1e-9)

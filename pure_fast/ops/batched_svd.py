@@ -20,6 +20,37 @@ from __future__ import annotations
 import torch
 
 
+# Small symmetric eigenproblems of CUDA tensors are solved on the host. torch's batched ``linalg.eigh`` on
+# CUDA is slow for batches of small matrices (pytorch/pytorch#174674, 2026: [500, 100, 100] in 914 ms vs
+# 8 ms in CuPy; #183806: eigh 30-130x slower from 2.10), exactly PURE's shapes: [L, n, n] Gram matrices with
+# n = anchors x seeds x steps ~ 80-160, and the union's blocks. LAPACK on the host does one such matrix in
+# well under a millisecond; the copies are tiny ([70, 160, 160] float64 = 14 MB). ``PURE_FAST_EIGH`` =
+# ``host`` / ``device`` forces a side; ``auto`` (default) takes the host for CUDA inputs with n <= 512.
+# The GPU benchmark (bench_estimate, table ``eigh``) measures both sides.
+HOST_EIGH_MAX_N = 512
+
+
+def eigh_on_host(x: torch.Tensor) -> bool:
+    """Whether :func:`batched_eigh` solves ``x`` ([..., n, n]) on the host."""
+    import os
+
+    mode = os.environ.get("PURE_FAST_EIGH", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "host", "device"):
+        raise ValueError(f"PURE_FAST_EIGH={mode!r} is not valid; use auto, host or device")
+    if x.device.type == "cpu" or mode == "device":
+        return False
+    return mode == "host" or x.shape[-1] <= HOST_EIGH_MAX_N
+
+
+def batched_eigh(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh(x)`` (ascending eigenvalues), on the host for small CUDA matrices (see above);
+    results come back on x's device."""
+    if eigh_on_host(x):
+        evals, evecs = torch.linalg.eigh(x.detach().to("cpu"))
+        return evals.to(x.device, non_blocking=False), evecs.to(x.device, non_blocking=False)
+    return torch.linalg.eigh(x)
+
+
 def _ranks_from_energy(s2: torch.Tensor, threshold: float, max_rank: int | None, rel_floor: float) -> torch.Tensor:
     """s2: [L, k] descending eigenvalues. Smallest r with cumulative share >= threshold, per layer."""
     s2 = s2.clamp(min=0)
@@ -66,7 +97,7 @@ def subspace_basis(
     L = x.shape[0]
     if is_gram:
         d = x.shape[-1]
-        evals, evecs = torch.linalg.eigh(0.5 * (x + x.transpose(1, 2)))
+        evals, evecs = batched_eigh(0.5 * (x + x.transpose(1, 2)))
         s2 = evals.flip(-1)
         V = evecs.flip(-1)
     else:
@@ -75,7 +106,7 @@ def subspace_basis(
             return x.new_zeros(L, d, 0), torch.zeros(L, dtype=torch.long, device=x.device), x.new_zeros(L, 0)
         if n < d:
             small = x @ x.transpose(1, 2)  # [L, n, n]
-            evals, U = torch.linalg.eigh(small)
+            evals, U = batched_eigh(small)
             s2 = evals.flip(-1).clamp(min=0)
             U = U.flip(-1)
             sigma = s2.sqrt()
@@ -147,7 +178,7 @@ def randomized_basis(
             Z = torch.linalg.qr(xt @ Q)[0]
             Q = torch.linalg.qr(x @ Z)[0]
         if is_gram:
-            evals, evecs = torch.linalg.eigh(Q.transpose(1, 2) @ x @ Q)
+            evals, evecs = batched_eigh(Q.transpose(1, 2) @ x @ Q)
             s2 = evals.flip(-1).clamp(min=0)
             V = Q @ evecs.flip(-1)
         else:
@@ -290,7 +321,7 @@ def _orthonormal_directions(R: torch.Tensor, floor: float) -> tuple[torch.Tensor
     """Columns spanning R's directions with Gram eigenvalue > floor: ``(R U / sqrt(lambda)) masked``, and the
     mask [L, k] (the eigenvectors of the k x k Gram ``RᵀR``, so only small eigenproblems)."""
     G = R.transpose(1, 2) @ R
-    evals, U = torch.linalg.eigh(0.5 * (G + G.transpose(1, 2)))
+    evals, U = batched_eigh(0.5 * (G + G.transpose(1, 2)))
     keep = evals > floor
     scale = torch.where(keep, evals.clamp(min=floor).rsqrt(), torch.zeros_like(evals))
     return (R @ U) * scale[:, None, :], keep
