@@ -25,9 +25,10 @@ import torch
 # 8 ms in CuPy; #183806: eigh 30-130x slower from 2.10), exactly PURE's shapes: [L, n, n] Gram matrices with
 # n = anchors x seeds x steps ~ 80-160, and the union's blocks. LAPACK on the host does one such matrix in
 # well under a millisecond; the copies are tiny ([70, 160, 160] float64 = 14 MB). ``PURE_FAST_EIGH`` =
-# ``host`` / ``device`` forces a side; ``auto`` (default) takes the host for CUDA inputs with n <= 512.
-# The GPU benchmark (bench_estimate, table ``eigh``) measures both sides.
-HOST_EIGH_MAX_N = 512
+# ``host`` / ``device`` forces a side; ``auto`` (default) takes the host for CUDA inputs with n <= 96.
+# Measured on an H100 host (bench_estimate, table ``eigh``, 2026-11-22): [70, 80, 80] 30 ms host vs 75 ms
+# device (2.5x); [60, 130, 130] 83 vs 64 ms and [70, 160, 160] 128 vs 86 ms (device faster), hence 96.
+HOST_EIGH_MAX_N = 96
 
 
 def eigh_on_host(x: torch.Tensor) -> bool:
