@@ -8,7 +8,7 @@ Cases (synthetic weights of SDXL's attn2 shapes: to_k / to_v are (640, 2048) x 1
   chunk + one multi-tensor add), and the whole ``Edit.new_weights`` step as ``Edit.apply`` runs it, factors stored
   in float32 on the CPU: ``edit_loop`` (the base class's per-weight ``new_weight``) vs ``edit_batched``
   (``LowRankEdit.new_weights``, grouped by shape; through ``ops/apply_edit``'s dispatch, which takes the
-  per-weight loop for CPU tensors and the batched path on CUDA).
+  per-weight loop unless a non-torch backend is forced).
 * ``shared``: one right matrix for every weight (UCE / CURE as ``W + (W U) V^T`` with r = 24; on CUDA
   also a dense 2048 x 2048 ``W A``): ``loop`` vs ``batched`` (all rows concatenated: one or two GEMMs).
 
@@ -114,7 +114,7 @@ def run(device: str = "cpu") -> list[dict]:
         t_eb = common.time_fn(lambda: edit.new_weights(weights), device, **timing)
         rows.append({**base, "provider": "edit_batched", **t_eb, "ratio": t_loop["ms"] / t_eb["ms"],
                      "check": check_edit,
-                     "note": f"LowRankEdit.new_weights (dispatch: loop on CPU, batched on CUDA); "
+                     "note": f"LowRankEdit.new_weights (dispatch: the per-weight loop unless native/triton is forced); "
                              f"{t_el['ms'] / t_eb['ms']:.2f}x edit_loop"})
         del dev_f, ups, downs, edit, factors
 

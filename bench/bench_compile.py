@@ -35,11 +35,18 @@ import common  # noqa: E402
 
 
 def _settings(device: str) -> dict:
+    """``BENCH_COMPILE_ARCHS=sdxl`` (comma list) and ``BENCH_COMPILE_HOOKED=0`` narrow a run (device time)."""
     if device == "cuda":
-        return {"archs": {"sd15": 256, "sdxl": 512}, "batch": 16, "dtype": torch.bfloat16, "rtol": 2e-2,
-                "timing": dict(warmup=2, repeats=10)}
-    return {"archs": {"sd15": 64}, "batch": 12, "dtype": torch.float32, "rtol": 1e-4,
-            "timing": dict(warmup=0, repeats=3, min_runs=3)}
+        cfg = {"archs": {"sd15": 256, "sdxl": 512}, "batch": 16, "dtype": torch.bfloat16, "rtol": 2e-2,
+               "timing": dict(warmup=2, repeats=10)}
+    else:
+        cfg = {"archs": {"sd15": 64}, "batch": 12, "dtype": torch.float32, "rtol": 1e-4,
+               "timing": dict(warmup=0, repeats=3, min_runs=3)}
+    only = [a.strip() for a in os.environ.get("BENCH_COMPILE_ARCHS", "").split(",") if a.strip()]
+    if only:
+        cfg["archs"] = {a: s for a, s in cfg["archs"].items() if a in only}
+    cfg["hooked"] = (False, True) if os.environ.get("BENCH_COMPILE_HOOKED", "1") != "0" else (False,)
+    return cfg
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -74,15 +81,19 @@ def run(device: str = "cpu") -> list[dict]:
         x = torch.randn(2 * n, c, h, w, generator=g).to(device, cfg["dtype"])
         t = torch.tensor(500, device=device)
 
+        added = dict(both.added)
+        if hasattr(ad, "time_ids"):  # SDXL: the size conditioning the adapter adds in unet_forward
+            added.setdefault("time_ids", ad.time_ids(x.shape[0], size))
+
         def forward(u):
-            kw = {"added_cond_kwargs": both.added} if both.added else {}
+            kw = {"added_cond_kwargs": added} if added else {}
             with torch.no_grad():
                 return u(x, t, encoder_hidden_states=both.embeds, return_dict=False, **kw)[0]
 
         case = f"{arch} UNet pass, batch {n} x2 CFG, {size} px"
         base = {"bench": "compile", "dtype": str(cfg["dtype"]).replace("torch.", "")}
         layers = ad.cross_attention_layers()
-        for hooked in (False, True):
+        for hooked in cfg["hooked"]:
             rec = Recorder(layers, 10**9)
             ctx = installed_processors(layers, lambda i, l: PooledCrossAttnProcessor(i, rec)) if hooked else None
             if ctx is not None:

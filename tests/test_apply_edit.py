@@ -86,7 +86,7 @@ def test_lowrank_dispatch_and_forced_reference(monkeypatch):
     calls = []
     real = ae.lowrank_update_batched
     monkeypatch.setattr(ae, "lowrank_update_batched", lambda *a, **k: calls.append(1) or real(*a, **k))
-    # auto on CPU tensors: the per-layer loop (no launches to save on a CPU), so exactly the reference
+    # auto: the per-layer loop (batching measured not to pay), so exactly the reference
     assert all(torch.equal(a, b) for a, b in zip(ae.lowrank_update(Ws, ups, downs), ref)) and calls == []
     with backend.force("native"):  # a non-torch backend forced: the batched path, within the stated tolerance
         close = [((a - b).abs() <= ae.lowrank_tolerance(w, u, d)).all()
@@ -97,14 +97,17 @@ def test_lowrank_dispatch_and_forced_reference(monkeypatch):
     assert calls == [1]  # the forced torch backend used the per-layer reference
 
 
-def test_cpu_dispatch_takes_the_loop_and_meta_stand_in_takes_batched(monkeypatch):
-    """The rule behind every dispatch: loop for CPU tensors under auto, batched for device tensors."""
+def test_dispatch_takes_the_loop_unless_a_batched_backend_is_forced(monkeypatch):
+    """The rule behind every dispatch (measured: batching does not pay on an H100 nor on a CPU): the loop under
+    auto / torch on any device, the batched path when native or triton is forced."""
     Ws = _weights([(4, 3)] * 2, F64)
-    assert ae._use_loop(Ws) and ae._use_loop(torch.stack(Ws))
-    meta = [torch.empty(4, 3, device="meta")]  # stands in for a CUDA tensor: only the device type matters
-    assert not ae._use_loop(meta)
+    meta = [torch.empty(4, 3, device="meta")]  # stands in for a CUDA tensor
+    assert ae._use_loop(Ws) and ae._use_loop(torch.stack(Ws)) and ae._use_loop(meta)
     with backend.force("torch"):
         assert ae._use_loop(meta)
+    for forced in ("native", "triton"):
+        with backend.force(forced):
+            assert not ae._use_loop(Ws) and not ae._use_loop(meta)
     U, V = torch.randn(3, 2, dtype=F64), torch.randn(3, 2, dtype=F64)
     calls = []
     real = ae.shared_update_batched

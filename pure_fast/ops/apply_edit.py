@@ -19,13 +19,14 @@ never modified):
         dict form of shared_update / right_multiply: weights grouped by input width n.
 
 Each op has a plain per-layer reference beside it (``*_reference``: a Python loop of the textbook
-expression) and a dispatch: the batched path for CUDA tensors (one launch per shape group instead of one per
-weight), the per-layer loop for CPU tensors and whenever the torch backend is forced (``PURE_FAST_BACKEND=torch``
-or ``pure_fast.ops.backend.force("torch")``). On a CPU there are no launches to save, and the batched path
-pays for its padding / row concatenation copies: measured by ``bench/bench_apply.py`` on SDXL's 70 K weights
-in float64 (2 idle cores, four runs), the batched low-rank update 0.91-1.83x the loop (noise around 1x) and
-the shared update 0.49-0.66x (the concatenation copies every weight once more), so ``auto`` takes the loop
-there; ``PURE_FAST_BACKEND=native`` (or ``triton``) keeps the batched path on any device.
+expression) and a dispatch: the per-layer loop under ``auto`` on every device, the batched path when a
+non-torch backend is forced (``PURE_FAST_BACKEND=native`` or ``triton``); ``PURE_FAST_BACKEND=torch`` is the
+loop too. Measured, the batching does not pay: on an H100 (``bench/bench_apply.py``, SDXL's 140 K/V weights in
+float64, 2026-11-22) the batched low-rank update is 0.95x the loop for one concept and 0.71x for 50 (ranks
+60-250: padding), the shared update 0.98x and ``W A`` 0.985x: the op is memory bound (each weight read and
+written once, ~6 ms for 341 M float64 elements) and 140 launches cost well under a millisecond. On a 2-core
+CPU the shared update is 0.49-0.66x the loop (its row concatenation copies every weight) and the low-rank
+one ~1x. The batched path is kept, tested against the loop and selectable.
 
 Design choices:
 - Ragged ranks are zero-padded to the group's largest rank. Mathematically exact (the extra terms are
@@ -215,17 +216,12 @@ def lowrank_update_batched(W, ups: Tensors | torch.Tensor, downs: Tensors | torc
 
 
 def _use_loop(W) -> bool:
-    """The dispatch rule (module docstring): the per-layer loop when torch is forced or, under ``auto``, for
-    CPU tensors."""
-    want = backend.requested()
-    if want == "torch":
-        return True
-    first = W if isinstance(W, torch.Tensor) else next(iter(W), None)
-    return want == "auto" and (first is None or first.device.type == "cpu")
+    """The dispatch rule (module docstring): the per-layer loop unless a non-torch backend is forced."""
+    return backend.requested() in ("auto", "torch")
 
 
 def lowrank_update(W, ups, downs, *, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-    """Dispatch: batched for CUDA tensors; the per-layer reference on CPU or when torch is forced."""
+    """Dispatch: the per-layer reference (auto, torch); batched when native / triton is forced."""
     if _use_loop(W):
         return lowrank_update_reference(W, ups, downs)
     return lowrank_update_batched(W, ups, downs, max_chunk_bytes=max_chunk_bytes)
@@ -270,7 +266,7 @@ def shared_update_batched(Ws: Tensors, U: torch.Tensor, V: torch.Tensor, *,
 
 def shared_update(Ws: Tensors, U: torch.Tensor, V: torch.Tensor, *,
                   max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[torch.Tensor]:
-    """Dispatch of ``W_i + (W_i U) V^T``: batched for CUDA tensors; the reference on CPU or when torch is forced."""
+    """Dispatch of ``W_i + (W_i U) V^T``: the reference (auto, torch); batched when native / triton is forced."""
     Ws = _as_list(Ws)
     if _use_loop(Ws):
         return shared_update_reference(Ws, U, V)
@@ -304,7 +300,7 @@ def right_multiply_batched(Ws: Tensors, A: torch.Tensor, *,
 
 
 def right_multiply(Ws: Tensors, A: torch.Tensor, *, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[torch.Tensor]:
-    """Dispatch of ``W_i A``: batched for CUDA tensors; the reference on CPU or when torch is forced."""
+    """Dispatch of ``W_i A``: the reference (auto, torch); batched when native / triton is forced."""
     Ws = _as_list(Ws)
     if _use_loop(Ws):
         return right_multiply_reference(Ws, A)
