@@ -134,7 +134,7 @@ def test_non_finite_embeddings_are_one_line_errors(toy, monkeypatch, method):
         monkeypatch.setattr(cure, "cure_tokens", lambda *a, **k: (bad, bad[:1], ["red"] * 2, ["blue"]))
     else:
         tok = uce.TextTokens(bad, torch.zeros_like(bad), bad[:1], ["red"] * 2, ["blue"])
-        monkeypatch.setattr(uce if method == "uce" else space, "uce_tokens", lambda *a, **k: tok)
+        monkeypatch.setattr(uce, "uce_tokens", lambda *a, **k: tok)  # UCE and SPACE both encode through it
     before = _weights(toy)
     with pytest.raises(NumericalError, match=r"non-finite value\(s\) in the token embeddings \(C_e\)|"
                                              r"non-finite value\(s\) in the token embeddings \(F\)") as ei:

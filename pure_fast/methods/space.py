@@ -82,9 +82,8 @@ from ..errors import UsageError
 from ..ops.fista import fista_objective, fista_solve, lambda_max
 from ..ops.shifted_low_rank import ShiftedLowRank, right_mm
 from ..progress import progress_bar
-from .text_health import check_finite, warn_uce_tokens
-from .uce import (UCEOptions, options_meta, preserve_scale_of, resolve_guides, target_names, uce_factors, uce_matrices,
-                  uce_tokens)
+from .text_health import check_finite
+from .uce import UCEOptions, options_meta, prepare_tokens, target_names, uce_factors, uce_matrices
 
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -336,16 +335,8 @@ def space_solve(weights: dict[str, torch.Tensor], M, B, opts: SpaceOptions, A=No
 
 def make_edit(adapter, forget, retain, f_prompts, r_prompts, options=None, progress=True) -> SparseWeightsEdit:
     opts = options or SpaceOptions()
-    opts.validate()
-    forget, retain = list(forget), list(retain)
-    resolve_guides(opts.guide, forget)
-    timings = {}
+    forget, retain, tok, s_p, timings = prepare_tokens("SPACE", adapter, forget, retain, f_prompts, r_prompts, opts)
     t0 = time.perf_counter()
-    tok = uce_tokens(adapter, forget, retain, f_prompts, r_prompts, opts)
-    warn_uce_tokens("SPACE", tok, retain, float(opts.lam), dict(zip(forget, resolve_guides(opts.guide, forget))))
-    timings["tokens_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    s_p = preserve_scale_of(opts, retain)
     M, B, A, route = space_operators(tok, float(opts.lam), float(opts.erase_scale), s_p, opts.gram_route)
     names = target_names(adapter, opts.edit_keys, opts.edit_values)
     kv = kv_weights(adapter.unet)

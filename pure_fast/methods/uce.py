@@ -225,18 +225,23 @@ def options_meta(opts) -> dict:
     return m
 
 
-def make_edit(adapter, forget, retain, f_prompts, r_prompts, options=None, progress=True) -> SharedRightEdit:
-    opts = options or UCEOptions()
+def prepare_tokens(method: str, adapter, forget, retain, f_prompts, r_prompts, opts):
+    """The start UCE and SPACE share: validated options, guides resolved (errors before any work), tokens
+    encoded and checked (``warn_uce_tokens``), the preserve scale. Returns (forget, retain, tok, s_p, timings)."""
     opts.validate()
     forget, retain = list(forget), list(retain)
-    resolve_guides(opts.guide, forget)  # errors before any work
-    timings = {}
+    guides = resolve_guides(opts.guide, forget)
     t0 = time.perf_counter()
     tok = uce_tokens(adapter, forget, retain, f_prompts, r_prompts, opts)
-    warn_uce_tokens("UCE", tok, retain, float(opts.lam), dict(zip(forget, resolve_guides(opts.guide, forget))))
-    timings["tokens_s"] = time.perf_counter() - t0
+    warn_uce_tokens(method, tok, retain, float(opts.lam), dict(zip(forget, guides)))
+    timings = {"tokens_s": time.perf_counter() - t0}
+    return forget, retain, tok, preserve_scale_of(opts, retain), timings
+
+
+def make_edit(adapter, forget, retain, f_prompts, r_prompts, options=None, progress=True) -> SharedRightEdit:
+    opts = options or UCEOptions()
+    forget, retain, tok, s_p, timings = prepare_tokens("UCE", adapter, forget, retain, f_prompts, r_prompts, opts)
     t0 = time.perf_counter()
-    s_p = preserve_scale_of(opts, retain)
     U, V = uce_factors(tok, float(opts.lam), float(opts.erase_scale), s_p)
     check_finite("UCE", "the edit factors", U=U, V=V)
     timings["solve_s"] = time.perf_counter() - t0
