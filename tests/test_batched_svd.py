@@ -142,7 +142,9 @@ def test_batched_eigh_dispatch(monkeypatch):
     monkeypatch.setenv("PURE_FAST_EIGH", "host")
     assert eigh_on_host(big) and not eigh_on_host(a)
     monkeypatch.setenv("PURE_FAST_EIGH", "gpu")
-    with pytest.raises(ValueError, match="PURE_FAST_EIGH"):
+    from pure_fast.errors import UsageError
+
+    with pytest.raises(UsageError, match="PURE_FAST_EIGH"):
         eigh_on_host(small)
 
 

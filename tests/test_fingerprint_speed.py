@@ -116,6 +116,14 @@ def test_workers_follow_the_cpus(monkeypatch):
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert fp.workers() == min(cpus, 32)
     assert fp.workers(1) == 1
+    monkeypatch.setenv("PURE_FAST_FP_WORKERS", "3")
+    assert fp.workers() == 3
+    from pure_fast.errors import UsageError
+
+    for bad in ("x", "0", "-2", "1.5"):
+        monkeypatch.setenv("PURE_FAST_FP_WORKERS", bad)
+        with pytest.raises(UsageError, match="PURE_FAST_FP_WORKERS"):
+            fp.workers()
 
 
 @pytest.mark.parametrize("dtype,kind", [(torch.bfloat16, "bfloat16"), (torch.float16, "float16")])

@@ -73,7 +73,11 @@ def workers(n_tasks: int | None = None) -> int:
     """Threads for hashing: one per usable CPU (capped at 32), at most one per task."""
     env = os.environ.get("PURE_FAST_FP_WORKERS", "").strip()
     if env:
-        n = max(1, int(env))
+        if not env.isdigit() or int(env) < 1:
+            from ..errors import UsageError
+
+            raise UsageError(f"PURE_FAST_FP_WORKERS={env!r} is not valid; use a whole number >= 1 (hashing threads)")
+        n = int(env)
     else:
         try:
             n = len(os.sched_getaffinity(0))

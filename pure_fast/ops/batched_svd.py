@@ -37,7 +37,9 @@ def eigh_on_host(x: torch.Tensor) -> bool:
 
     mode = os.environ.get("PURE_FAST_EIGH", "auto").strip().lower() or "auto"
     if mode not in ("auto", "host", "device"):
-        raise ValueError(f"PURE_FAST_EIGH={mode!r} is not valid; use auto, host or device")
+        from ..errors import UsageError
+
+        raise UsageError(f"PURE_FAST_EIGH={mode!r} is not valid; use auto, host or device")
     if x.device.type == "cpu" or mode == "device":
         return False
     return mode == "host" or x.shape[-1] <= HOST_EIGH_MAX_N
