@@ -215,14 +215,14 @@ def lowrank_update_batched(W, ups: Tensors | torch.Tensor, downs: Tensors | torc
     return torch.stack(out) if isinstance(W, torch.Tensor) else out
 
 
-def _use_loop(W) -> bool:
+def _use_loop() -> bool:
     """The dispatch rule (module docstring): the per-layer loop unless a non-torch backend is forced."""
     return backend.requested() in ("auto", "torch")
 
 
 def lowrank_update(W, ups, downs, *, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES):
     """Dispatch: the per-layer reference (auto, torch); batched when native / triton is forced."""
-    if _use_loop(W):
+    if _use_loop():
         return lowrank_update_reference(W, ups, downs)
     return lowrank_update_batched(W, ups, downs, max_chunk_bytes=max_chunk_bytes)
 
@@ -267,8 +267,7 @@ def shared_update_batched(Ws: Tensors, U: torch.Tensor, V: torch.Tensor, *,
 def shared_update(Ws: Tensors, U: torch.Tensor, V: torch.Tensor, *,
                   max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[torch.Tensor]:
     """Dispatch of ``W_i + (W_i U) V^T``: the reference (auto, torch); batched when native / triton is forced."""
-    Ws = _as_list(Ws)
-    if _use_loop(Ws):
+    if _use_loop():
         return shared_update_reference(Ws, U, V)
     return shared_update_batched(Ws, U, V, max_chunk_bytes=max_chunk_bytes)
 
@@ -301,8 +300,7 @@ def right_multiply_batched(Ws: Tensors, A: torch.Tensor, *,
 
 def right_multiply(Ws: Tensors, A: torch.Tensor, *, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[torch.Tensor]:
     """Dispatch of ``W_i A``: the reference (auto, torch); batched when native / triton is forced."""
-    Ws = _as_list(Ws)
-    if _use_loop(Ws):
+    if _use_loop():
         return right_multiply_reference(Ws, A)
     return right_multiply_batched(Ws, A, max_chunk_bytes=max_chunk_bytes)
 
