@@ -190,8 +190,9 @@ def uce_factors(tok: TextTokens, lam: float, s_e: float, s_p: float) -> tuple[to
 
     ``M = λI + FᵀF`` with ``F = [√s_e C_e; √s_p C_p]`` (k token rows). When k < d, ``M⁻¹`` is applied by the
     Woodbury identity ``M⁻¹X = (X - Fᵀ(λI_k + FFᵀ)⁻¹ F X) / λ``: one k x k Cholesky instead of a d x d one
-    (SDXL: d = 2048, a few to a few hundred tokens; 270 ms -> ~1 ms on a 2-core CPU, which is what keeps UCE /
-    CURE under 50 ms after encoding). Otherwise one Cholesky factorisation of M (symmetric positive definite
+    (SDXL: d = 2048, a few to a few hundred tokens; ~400 ms -> 0.07-1 ms for 3-30 tokens on a 2-core CPU,
+    ``bench/bench_uce_solve.py``: the solve is no longer what stands between UCE and 50 ms after encoding).
+    Otherwise one Cholesky factorisation of M (symmetric positive definite
     since λ > 0). The two routes agree to float64 rounding (tests/test_uce.py)."""
     d = tok.C_e.shape[1]
     X = tok.C_e.T.to(torch.float64).contiguous()  # [d, r]
