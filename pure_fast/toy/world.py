@@ -81,6 +81,18 @@ SPLITS = ("anchor", "heldout", "all")
 
 _CONCEPT_CATEGORY = {c: cat for cat, members in CATEGORIES.items() for c in members}
 
+# Dev / test split of the concepts, fixed here (about a third of each category is dev). Any default chosen
+# on the toy world (thresholds, sparsity, strengths, gates, protocol settings) may be chosen on DEV
+# concepts only; reported numbers use TEST concepts only.
+DEV_CONCEPTS: dict[str, list[str]] = {
+    "shape": ["square", "cross"],
+    "colour": ["orange", "green"],
+    "background": ["plain", "dots"],
+}
+TEST_CONCEPTS: dict[str, list[str]] = {
+    cat: [c for c in members if c not in DEV_CONCEPTS[cat]] for cat, members in CATEGORIES.items()
+}
+
 
 # ---- concepts ---------------------------------------------------------------------------------------
 def all_concepts() -> list[str]:
@@ -92,6 +104,11 @@ def category_of(concept: str) -> str:
         return _CONCEPT_CATEGORY[concept]
     except KeyError:
         raise KeyError(f"unknown toy concept {concept!r}; known: {', '.join(all_concepts())}") from None
+
+
+def split_of(concept: str) -> str:
+    """'dev' or 'test' (see DEV_CONCEPTS)."""
+    return "dev" if concept in DEV_CONCEPTS[category_of(concept)] else "test"
 
 
 def neighbours(concept: str) -> list[str]:
