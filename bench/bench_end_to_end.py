@@ -30,7 +30,6 @@ the pipeline's shape, not for speed.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import statistics
 import sys
@@ -80,7 +79,9 @@ def _timed(fn, device):
 
 
 def method_available(method: str) -> bool:
-    return method == "pure" or importlib.util.find_spec(f"pure_fast.methods.{method}") is not None
+    from pure_fast.methods import method_names
+
+    return method in method_names()
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -120,9 +121,9 @@ def verify_pure(adapter, collect: dict, templates=None) -> str:
     kernel itself is verified against fp64 with a derived bound in ``bench_hook``. Estimation and application are
     verified at full size by ``bench_estimate`` / ``bench_apply``.
     """
-    from pure_fast.api import anchor_sets
     from pure_fast.collect.activations import CollectOptions, collect_activations
     from pure_fast.ops import backend
+    from pure_fast.prompts import anchor_sets
 
     f_prompts, r_prompts = anchor_sets(concepts(1), RETAIN, "style", templates)
     groups = {f"forget:{c}": p for c, p in f_prompts.items()}
@@ -177,7 +178,7 @@ def _save_s(edit) -> tuple[float, int]:
 
 def pure_rows(arch, adapter, n_concepts, cfg, check) -> dict:
     import pure_fast
-    from pure_fast.api import anchor_sets
+    from pure_fast.prompts import anchor_sets
 
     forget = concepts(n_concepts)
     kw = dict(category="style", progress=False, templates=cfg["templates"], **cfg["collect"])
@@ -296,16 +297,16 @@ def space_options(wanted: dict) -> dict:
     keeping only the fields the current ``SpaceOptions`` has (the method is still evolving)."""
     from dataclasses import fields
 
-    from pure_fast.api import options_class
+    from pure_fast.methods import get_method
 
-    names = {f.name for f in fields(options_class("space"))}
+    names = {f.name for f in fields(get_method("space").options)}
     return {k: v for k, v in wanted.items() if k in names}
 
 
 def collect_floor_rows(arch, adapter, n_concepts, cfg) -> list[dict]:
     """Collection (hooked) vs plain trajectories of the same batches, interleaved runs, medians."""
-    from pure_fast.api import anchor_sets
     from pure_fast.collect.activations import CollectOptions, collect_activations
+    from pure_fast.prompts import anchor_sets
 
     f_prompts, r_prompts = anchor_sets(concepts(n_concepts), RETAIN, "style", cfg["templates"])
     groups = {f"forget:{c}": p for c, p in f_prompts.items()}

@@ -71,7 +71,7 @@ def worker(args) -> dict:
 
     os.environ["PURE_FAST_PROGRESS"] = "0"
     import pure_fast
-    import pure_fast.methods.pure as pure_mod
+    import pure_fast.methods.base as collect_site  # where the methods call collect_activations
     from pure_fast.adapters import wrap_pipeline
     from pure_fast.prompts import TEMPLATES
     from pure_fast.testing import build_architecture_pipeline
@@ -81,7 +81,7 @@ def worker(args) -> dict:
     ad = wrap_pipeline(pipe, device="cpu", dtype=torch.float32)
     forget = [NAMES[i % len(NAMES)] + ("" if i < len(NAMES) else f" {i}") for i in range(args.concepts)]
     captured = {}
-    original = pure_mod.collect_activations
+    original = collect_site.collect_activations
 
     def capture(*a, **k):
         acts = original(*a, **k)
@@ -90,7 +90,7 @@ def worker(args) -> dict:
         captured["gram_groups"] = sum(any(s.is_gram for s in st) for st in acts.stats.values())
         return acts
 
-    pure_mod.collect_activations = capture
+    collect_site.collect_activations = capture
     base = _rss_mb()
     sampler = _Sampler()
     sampler.start()

@@ -44,8 +44,8 @@ PATCH_RANK = 4
 
 
 def _build_edits(unet, family: str):
+    from pure_fast.adapters.layers import find_cross_attention_layers
     from pure_fast.api import stamp_fingerprints
-    from pure_fast.collect.layers import find_cross_attention_layers
     from pure_fast.edits.edit import LowRankEdit, kv_weights
 
     kv = kv_weights(unet)

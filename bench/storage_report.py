@@ -38,7 +38,7 @@ ARCHS = {"sd15": ("SD1.5", "sd1"), "sdxl": ("SDXL", "sdxl")}
 
 
 def _shapes(arch: str):
-    from pure_fast.collect.layers import find_cross_attention_layers
+    from pure_fast.adapters.layers import find_cross_attention_layers
     from pure_fast.edits.edit import kv_weights
     from pure_fast.testing import build_unet_architecture
 
@@ -58,10 +58,10 @@ def _size(edit, folder: str, name: str) -> int:
 
 def report(archs=("sd15", "sdxl"), sparsities=(0.80, 0.85, 0.90)) -> list[dict]:
     from pure_fast.edits.edit import LowRankEdit
-    from pure_fast.edits.lora import export_lora
     from pure_fast.edits.patch import ConceptPatch, PatchEdit
     from pure_fast.edits.shared import SharedRightEdit
     from pure_fast.edits.sparse import SparseWeightsEdit
+    from pure_fast.export.lora import export_lora
 
     rows = []
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,5 @@
-// CSR export and reader for sparse weights (SPACE results are 80-90 % zeros; DESIGN.md "SPACE").
+// CSR export and reader for sparse weights (SPACE results are 80-90 % zeros; "Empty SPACE: Cross-Attention
+// Sparsity for Concept Erasure in Diffusion Models").
 //
 // Export (dense -> CSR), two phases so the caller can allocate exactly nnz entries:
 //   csr_count: nonzeros per row -> indptr (exclusive prefix sum, rows+1 entries); returns nnz

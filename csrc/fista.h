@@ -1,5 +1,6 @@
-// FISTA step for SPACE (UCE loss + mu*||W||_1, see DESIGN.md "SPACE"): the elementwise part of one
-// iteration, fused with the reductions the stopping rule needs. The matmul YM = Y @ M stays in torch.
+// FISTA step for SPACE (UCE loss + mu*||W||_1, see "Empty SPACE: Cross-Attention Sparsity for Concept
+// Erasure in Diffusion Models"): the elementwise part of one iteration, fused with the reductions the
+// stopping rule needs. The matmul YM = Y @ M stays in torch.
 //
 //   g     = Y - (YM - N) * step            gradient step on the smooth part (step = 1/lambda_max(M))
 //   w     = sign(g) * max(|g| - tau, 0)    soft threshold (tau = mu / L, L = 2 lambda_max(M))

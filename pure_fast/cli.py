@@ -10,7 +10,11 @@ import os
 import sys
 import time
 
+from . import api
+from .adapters import load_model
 from .errors import PureFastError, UsageError
+from .methods import EraseContext, get_method, method_names
+from .options import option_specs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,16 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retain", action="append", default=[], metavar="TEXT", help="concept to keep (repeatable)")
     p.add_argument("--category", default=None, help="style, object, ip, celebrity, nsfw (or the toy world's categories)")
     p.add_argument("--templates", default=None, metavar="FILE", help="custom anchor templates (one per line, '{}' slot)")
-    p.add_argument("--method", default="pure", help="pure, uce, cure, space, acterase")
     p.add_argument("--out", required=True, metavar="EDIT.safetensors")
-    p.add_argument("--seed", type=int, action="append", default=None, help="collection seed(s) (repeatable)")
-    p.add_argument("--steps", type=int, default=None, help="collection schedule length")
-    p.add_argument("--record-steps", type=int, default=None, help="recorded (first) steps of the schedule")
-    p.add_argument("--size", type=int, default=None, help="collection resolution in pixels")
-    p.add_argument("--guidance", type=float, default=None, help="collection CFG scale")
-    p.add_argument("--batch-size", type=int, default=None, help="samples per UNet call (lower it to save memory)")
-    p.add_argument("--forget-threshold", type=float, default=None, help="PURE cumulative-variance threshold (0,1]")
-    p.add_argument("--retain-threshold", type=float, default=None, help="PURE cumulative-variance threshold (0,1]")
+    _add_method_options(p)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any method option")
     _add_common(p)
 
@@ -99,6 +95,53 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+OPTION_DEST = "method_option_"  # argparse dest prefix of the flags generated from the methods' options
+
+
+def _add_method_options(p) -> None:
+    """``--method`` and one flag per option of every registered method, from the options' field metadata
+    (``options.option``). An option several methods share (``--forget-threshold``) is one flag; its help
+    names each method's default. Unset flags stay None, so the method's defaults and category presets apply."""
+    names = method_names()
+    p.add_argument("--method", default="pure", choices=names, help="erasure method (default: pure): " + "; ".join(
+        get_method(n).description.replace("%", "%%") for n in names))
+    flags: dict[str, list] = {}
+    for name in names:
+        for spec in option_specs(get_method(name).options):
+            if spec.flag and spec.kind is not None:
+                flags.setdefault(spec.flag, []).append((name, spec))
+    g = p.add_argument_group("method options", "defaults are the method's (or its --category preset); "
+                             "--option KEY=VALUE sets any option, JSON values")
+    for flag, uses in flags.items():
+        spec = uses[0][1]
+        if any((s.kind, s.many, s.path[-1]) != (spec.kind, spec.many, spec.path[-1]) for _, s in uses):
+            raise TypeError(f"methods {', '.join(m for m, _ in uses)} declare {flag} with different meanings")
+        helps = list(dict.fromkeys(s.help for _, s in uses))
+        text = helps[0] if len(helps) == 1 else "; ".join(f"{m}: {s.help}" for m, s in uses)
+        text += " [" + ", ".join(f"{m}: {s.default!r}" for m, s in uses) + "]"
+        kw = {"dest": OPTION_DEST + spec.name, "default": None, "help": text.replace("%", "%%")}
+        if spec.kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = spec.kind
+            kw["metavar"] = spec.name.upper()
+            if spec.many:
+                kw["action"] = "append"
+            if spec.choices and all(s.choices == spec.choices for _, s in uses):
+                kw["choices"] = spec.choices
+                kw.pop("metavar")
+        g.add_argument(flag, **kw)
+
+
+def _method_option_values(args) -> dict:
+    """The options set on the command line: ``--option KEY=VALUE`` items, then the generated flags."""
+    values = _parse_option_values(args.option)
+    for dest, v in vars(args).items():
+        if dest.startswith(OPTION_DEST) and v is not None:
+            values[dest[len(OPTION_DEST):]] = tuple(v) if isinstance(v, list) else v
+    return values
+
+
 def _emit(args, summary: dict, text: str) -> None:
     if getattr(args, "json", False):
         print(json.dumps(summary, indent=2, default=str))
@@ -120,9 +163,6 @@ def _parse_option_values(items):
 
 
 def cmd_erase(args) -> int:
-    from . import api
-    from .adapters import load_model
-
     if not args.forget:
         raise UsageError("no --forget concept given; pass at least one --forget TEXT")
     out = os.path.abspath(args.out)
@@ -130,23 +170,12 @@ def cmd_erase(args) -> int:
         raise UsageError(f"the folder of --out {args.out} does not exist")
     if os.path.isdir(out):
         raise UsageError(f"--out {args.out} is a folder; give the path of the edit file to write (EDIT.safetensors)")
-    kwargs = _parse_option_values(args.option)
-    for name, key in (("seed", "seeds"), ("steps", "steps"), ("record_steps", "record_steps"), ("size", "size"),
-                      ("guidance", "guidance_scale"), ("batch_size", "batch_size"),
-                      ("forget_threshold", "forget_threshold"), ("retain_threshold", "retain_threshold")):
-        v = getattr(args, name)
-        if v is not None:
-            kwargs[key] = tuple(v) if name == "seed" else v
-    from .prompts import check_concepts
-
-    check_concepts(args.forget, args.retain)  # before the (slow) model load
-    options = api.build_options(args.method, None, kwargs, args.category)
-    if args.templates is None:
-        api.anchor_sets(args.forget, args.retain, args.category)  # unknown category -> error now
+    # every check of the input (concepts, category / templates, options) before the (slow) model load
+    ctx = EraseContext.prepare(args.method, args.forget, args.retain, category=args.category,
+                               templates=args.templates, values=_method_option_values(args))
     model = load_model(args.model, config=args.config, device=args.device, dtype=args.dtype)
     t0 = time.perf_counter()
-    edit = api.erase(model, args.forget, args.retain, method=args.method, category=args.category,
-                     templates=args.templates, options=options, progress=not (args.quiet or args.json))
+    edit = api.run_erase(ctx, model, progress=not (args.quiet or args.json))
     t1 = time.perf_counter()
     edit.save(out)
     timings = dict(edit.stats.get("timings", {}))
@@ -168,9 +197,16 @@ def _load_edits(paths):
 
 def cmd_apply(args) -> int:
     """Bake a stack of edits into a model: a new folder, one single-file checkpoint, or --in-place."""
-    from .edits.checkpoint import (_inside, apply_in_place, check_new_output, load_model_any, model_folder,
-                                   write_edited_folder, write_single_file)
     from .edits.edit import kv_weights, revert_all
+    from .export.checkpoint import (
+        _inside,
+        apply_in_place,
+        check_new_output,
+        load_model_any,
+        model_folder,
+        write_edited_folder,
+        write_single_file,
+    )
 
     folder = model_folder(args.model)
     if args.in_place:
@@ -192,7 +228,7 @@ def cmd_apply(args) -> int:
         if folder is not None and _inside(out, folder):
             raise UsageError("--out must not be inside the input model folder (use --in-place to edit it)")
         if args.format == "single-file":
-            from .edits.checkpoint import is_toy_folder
+            from .export.checkpoint import is_toy_folder
 
             if args.model in (None, "toy") or is_toy_folder(args.model):
                 raise UsageError("the toy model has no single-file (LDM) layout; use --format folder")

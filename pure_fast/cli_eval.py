@@ -6,7 +6,7 @@
   ``eval.png`` (terms and H-mean), ``samples_<method>_<concept>.png`` (before | after) and the edit files.
 - ``pure-fast bench-quality [--out-dir bench/results] [--quick] [--method M ...]``: every available method
   (and 'none') on 3 concepts per category; writes ``quality.md``, ``quality.json``, ``quality.png``.
-- ``pure-fast probe [--out-dir bench/results] [--quick]``: the linear-probe comparison of papers/000 Fig. 2
+- ``pure-fast probe [--out-dir bench/results] [--quick]``: the linear-probe comparison of Fig. 2 of the PURE paper (arXiv:2605.25765)
   (text-embedding basis vs cross-attention-activation basis); writes ``probe.md/json/png``.
 
 Only the toy model is supported (the detectors know the toy world only): ``--model`` must be absent or
@@ -78,14 +78,14 @@ def _threads(args) -> None:
 
 def _check_methods(names: list[str], allow_all: bool = True) -> tuple[list[str], dict]:
     from .evaluate.toy_bench import available_methods
-    from .methods import METHODS
+    from .methods import method_names
 
     ok, missing = available_methods()
     if not names or (allow_all and "all" in names):
         return ok, missing
     for m in names:
-        if m != "none" and m not in METHODS:
-            raise UsageError(f"unknown method {m!r}; choose from none, {', '.join(METHODS)}, all")
+        if m != "none" and m not in method_names():
+            raise UsageError(f"unknown method {m!r}; choose from none, {', '.join(method_names())}, all")
         if m in missing:
             raise UsageError(f"method {m!r} is not available here ({missing[m]})")
     return list(dict.fromkeys(names)), {}

@@ -70,9 +70,9 @@ def _check_out_file(path: str) -> str:
 
 
 def cmd_export(args) -> int:
-    from .edits.checkpoint import _inside, load_model_any, model_folder
     from .edits.io import load_edit
-    from .edits.lora import _dtype, export_lora, export_unet_state_dict, refuse_patch
+    from .export.checkpoint import _inside, load_model_any, model_folder
+    from .export.lora import _dtype, export_lora, export_unet_state_dict, refuse_patch
 
     out = _check_out_file(args.out)
     if args.rank is not None and args.rank < 1:
@@ -124,7 +124,7 @@ def cmd_combine(args) -> int:
 
 
 def cmd_revert(args) -> int:
-    from .edits.checkpoint import revert_in_place
+    from .export.checkpoint import revert_in_place
 
     if not os.path.isdir(args.model):
         raise UsageError(f"--model {args.model} is not a folder (revert restores a folder edited with apply --in-place)")

@@ -36,6 +36,7 @@ def run_tiny_demo(args) -> int:
     from .evaluate.metrics import edit_effect
     from .fileio import atomic_dir
     from .images import grid
+    from .prompts import anchor_sets
     from .testing import build_tiny_pipeline
 
     out = os.path.abspath(args.out_dir)
@@ -49,7 +50,7 @@ def run_tiny_demo(args) -> int:
     forget, retain = ["Van Gogh"], ["Claude Monet", "Pablo Picasso"]
     opts = dict(size=32, seeds=(0,), steps=6, record_steps=3)
     edit = api.erase(ad, forget, retain, category="style", progress=not args.quiet, **opts)
-    f_prompts, r_prompts = api.anchor_sets(forget, retain, "style")
+    f_prompts, r_prompts = anchor_sets(forget, retain, "style")
     effect = edit_effect(ad, edit, f_prompts, r_prompts, opts=CollectOptions(size=32, seeds=(0,), steps=6, record_steps=3))
     prompts = ["a painting in the style of Van Gogh", "a starry night painted by Van Gogh",
                "a painting in the style of Claude Monet", "a portrait by Pablo Picasso"]

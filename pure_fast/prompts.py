@@ -10,6 +10,7 @@ import os
 from typing import Sequence
 
 from .errors import UsageError
+from .toy.presets import TOY_PRESETS
 
 TEMPLATES: dict[str, list[str]] = {
     "style": [
@@ -32,6 +33,21 @@ TEMPLATES: dict[str, list[str]] = {
 TEMPLATES["ip"] = TEMPLATES["object"]
 TOY_CATEGORIES = ("shape", "colour", "background")
 CATEGORIES = tuple(TEMPLATES) + TOY_CATEGORIES
+
+# Method options a category changes (category -> method -> {option: value}); options a caller passes override
+# them. CURE's alpha 5 for nsfw is the CURE paper's choice; ActErase's neutral phrase for identities is
+# "a person" (every other category uses the category-free prompt ""); the toy world's presets are tuned on
+# its benchmark (``toy/presets.py``).
+CATEGORY_PRESETS: dict[str, dict[str, dict]] = {
+    "nsfw": {"cure": {"alpha": 5.0}},
+    "celebrity": {"acterase": {"anchor": "a person"}},
+    **{c: TOY_PRESETS for c in TOY_CATEGORIES},
+}
+
+
+def method_preset(category: str | None, method: str) -> dict:
+    """The options ``category`` sets for ``method`` (empty for no category or none set)."""
+    return dict(CATEGORY_PRESETS.get((category or "").lower(), {}).get(method, {}))
 
 
 def load_templates(path: str) -> list[str]:
@@ -73,6 +89,16 @@ def expand(concept: str, category: str | None = None, templates: Sequence[str] |
         templates = TEMPLATES[cat]
     prompts = [t.format(concept) for t in templates]
     return prompts[:n] if n else prompts
+
+
+def anchor_sets(forget: Sequence[str], retain: Sequence[str], category: str | None, templates=None):
+    """concept -> anchor prompts for forget; a flat list of anchors for retain. ``templates``: a list, a
+    templates file (``load_templates``) or None (the category's)."""
+    if isinstance(templates, str):
+        templates = load_templates(templates)
+    f = {c: expand(c, category, templates) for c in forget}
+    r = [p for c in retain for p in expand(c, category, templates)]
+    return f, r
 
 
 def check_concepts(forget: Sequence[str], retain: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -12,6 +12,7 @@ from pure_fast.edits.edit import applied_stack, revert_all
 from pure_fast.edits.io import load_edit
 from pure_fast.edits.patch import ConceptPatch, PatchEdit, PatchHook, installed_hooks, patch_reference
 from pure_fast.errors import EditFileError, FingerprintMismatch, UsageError
+from pure_fast.methods import EraseContext, run_method
 from pure_fast.methods.acterase import ActEraseOptions, neutral_prompt
 
 FAST = dict(size=32, steps=4, record_steps=2, seeds=(0,), batch_size=32)
@@ -96,21 +97,20 @@ def test_neutral_prompt_generic_and_toy():
     ({"steps": 0}, "steps"), ({"colour": 1}, "unknown option"),
 ])
 def test_bad_options_one_clear_error(kw, needle):
-    from pure_fast.api import build_options
-
     with pytest.raises(UsageError) as exc:
-        build_options("acterase", None, kw, "style")
+        EraseContext.prepare("acterase", ["Van Gogh"], category="style", values=kw)
     msg = str(exc.value)
     assert needle in msg and "\n" not in msg
 
 
 def test_options_category_defaults():
-    from pure_fast.api import build_options
+    def options(category, **kw):
+        return EraseContext.prepare("acterase", ["Van Gogh"], category=category, values=kw).options
 
-    assert build_options("acterase", None, {}, "celebrity").resolved_anchor() == "a person"
-    assert build_options("acterase", None, {}, "style").resolved_anchor() == ""
-    o = build_options("acterase", None, {"anchor": "a painter", "steps": 3, "record_steps": 1}, "style")
-    assert o.resolved_anchor() == "a painter" and o.collect.steps == 3 and o.category == "style"
+    assert options("celebrity").resolved_anchor() == "a person"
+    assert options("style").resolved_anchor() == ""
+    o = options("style", anchor="a painter", steps=3, record_steps=1)
+    assert o.resolved_anchor() == "a painter" and o.collect.steps == 3
 
 
 # ---- the runtime operation --------------------------------------------------------------------------
@@ -383,10 +383,8 @@ def test_bad_patch_files_refused(tiny_sd1, tmp_path):
 
 def test_no_pair_is_a_usage_error(tiny_sd1):
     from pure_fast.collect.activations import CollectOptions
-    from pure_fast.methods.acterase import make_edit
-
     with pytest.raises(UsageError, match="prompt pair"):
-        make_edit(_adapter(tiny_sd1), ["Van Gogh"], [], {"Van Gogh": ["a photo of a cat"]}, [],
+        run_method("acterase", _adapter(tiny_sd1), ["Van Gogh"], [], {"Van Gogh": ["a photo of a cat"]}, [],
                   options=ActEraseOptions(collect=CollectOptions(**FAST)), progress=False)
 
 
@@ -433,17 +431,17 @@ def test_toy_colour_erasure_lowers_detector_rate():
     """Erase 'red' on the shipped toy model (12 anchor prompts, one collection seed): the detector's red
     rate on red canonical prompts drops, orange (the nearest hue) and blue keep theirs."""
     from pure_fast.collect.activations import CollectOptions
-    from pure_fast.methods.acterase import make_edit, toy_colour_rates
+    from pure_fast.evaluate.toy_bench import colour_rates as toy_colour_rates
     from pure_fast.toy import world
 
     adapter = pure_fast.load_model("toy")
     target, keep = "red", ["orange", "blue"]
     f_prompts = {target: world.anchor_prompts(target)[:12]}
     r_prompts = [p for c in keep for p in world.anchor_prompts(c)[:6]]
-    opts = ActEraseOptions(category="colour", collect=CollectOptions(seeds=(0,)))
+    opts = ActEraseOptions(collect=CollectOptions(seeds=(0,)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        edit = make_edit(adapter, [target], keep, f_prompts, r_prompts, options=opts, progress=False)
+        edit = run_method("acterase", adapter, [target], keep, f_prompts, r_prompts, options=opts, progress=False)
     kw = dict(every=5, seeds=(10, 11), steps=10)
     before = toy_colour_rates(adapter, [target, *keep], **kw)
     edit.apply(adapter)

@@ -10,7 +10,7 @@ import pure_fast
 from pure_fast.collect.activations import CollectOptions
 from pure_fast.edits.patch import ConceptPatch, installed_hooks
 from pure_fast.errors import NumericalError
-from pure_fast.methods import acterase
+from pure_fast.methods import acterase, run_method
 from pure_fast.methods.acterase import check_patches_finite, layer_health, warn_health
 from pure_fast.ops.batched_svd import subspace_basis
 
@@ -134,8 +134,8 @@ def test_duplicate_forget_prompts_warn(tiny_sd1, one_thread):
     adapter = _adapter(tiny_sd1)
     prompts = ["a painting by Van Gogh"] * 3
     with pytest.warns(UserWarning) as rec:
-        acterase.make_edit(adapter, ["Van Gogh"], [], {"Van Gogh": prompts}, [],
-                           acterase.ActEraseOptions(category="style", collect=CollectOptions(**FAST)), progress=False)
+        run_method("acterase", adapter, ["Van Gogh"], [], {"Van Gogh": prompts}, [],
+                           acterase.ActEraseOptions(collect=CollectOptions(**FAST)), progress=False)
     msgs = [str(w.message) for w in rec]
     assert any("2 anchor prompt(s) of 'Van Gogh' repeat another one" in m for m in msgs), msgs
     assert any("difference rows of 'Van Gogh' are one repeated row" in m for m in msgs), msgs

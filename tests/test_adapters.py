@@ -78,7 +78,7 @@ def test_processors_restored_on_error(tiny_sd1):
 def test_fused_qkv_refused(tiny_sd1):
     from copy import deepcopy
 
-    from pure_fast.collect.layers import find_cross_attention_layers
+    from pure_fast.adapters.layers import find_cross_attention_layers
     from pure_fast.errors import ModelLoadError
 
     unet = deepcopy(tiny_sd1.unet)

@@ -236,7 +236,7 @@ def test_toy_apply_writes_a_loadable_toy_folder(tmp_path):
     """``--model toy`` writes config.json + unet.safetensors that load_toy(weights_dir=...) reads back."""
     import pure_fast
     from pure_fast.adapters.toy import load_toy
-    from pure_fast.edits.checkpoint import toy_weights_dir
+    from pure_fast.export.checkpoint import toy_weights_dir
 
     shipped = _hashes(toy_weights_dir())
     m = pure_fast.load_model("toy")
@@ -333,7 +333,7 @@ def test_weight_variants_are_all_written_and_restored(model_dir, edits, tmp_path
 
 def test_in_place_failure_while_replacing_leaves_folder_and_no_revert_file(model_dir, edits, tmp_path, monkeypatch, capsys):
     """The second weight file fails to be replaced: the first is put back, the revert file removed."""
-    from pure_fast.edits import checkpoint
+    from pure_fast.export import checkpoint
 
     d = str(tmp_path / "variants")
     shutil.copytree(model_dir, d)

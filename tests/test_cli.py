@@ -142,7 +142,7 @@ def test_single_file_with_config_through_cli(tiny_sd1_dir, tmp_path, capsys):
     """A single .safetensors checkpoint (LDM keys) plus --config DIR loads and erases like the folder."""
     from diffusers import StableDiffusionPipeline
 
-    from pure_fast.edits.single_file import save_single_file
+    from pure_fast.export.single_file import save_single_file
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1_dir, local_files_only=True, safety_checker=None)
     ckpt = str(tmp_path / "model.safetensors")

@@ -276,7 +276,7 @@ def test_out_of_memory_names_the_option(exc, tiny_sd1_dir, tmp_path, capsys, mon
     def boom(*a, **k):
         raise exc()
 
-    monkeypatch.setattr("pure_fast.methods.pure.collect_activations", boom)
+    monkeypatch.setattr("pure_fast.methods.base.collect_activations", boom)
     out = str(tmp_path / "e.safetensors")
     msg = _check(_erase(tiny_sd1_dir, out), capsys, 1, "memory", out=out, model=tiny_sd1_dir)
     assert "--batch-size" in msg

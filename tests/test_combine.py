@@ -134,7 +134,7 @@ def test_sparse_chain_keeps_last_weights_bit_exact(unet):
 
 
 def _make_patch(unet, seed, layers, gate="off"):
-    from pure_fast.collect.layers import find_cross_attention_layers
+    from pure_fast.adapters.layers import find_cross_attention_layers
     from pure_fast.edits.patch import ConceptPatch, PatchEdit
 
     found = {l.name: l for l in find_cross_attention_layers(unet)}
@@ -163,7 +163,7 @@ def _unet_out(unet):
 
 @pytest.mark.parametrize("overlap", ["same_layers", "disjoint_layers"])
 def test_patch_combination_equals_both_hooks(unet, overlap, tmp_path):
-    from pure_fast.collect.layers import find_cross_attention_layers
+    from pure_fast.adapters.layers import find_cross_attention_layers
 
     names = [l.name for l in find_cross_attention_layers(unet)]
     la, lb = (names[:3], names[:3]) if overlap == "same_layers" else (names[:2], names[2:5])

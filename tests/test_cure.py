@@ -102,14 +102,18 @@ def test_no_retain_is_plain_soft_projection_and_multi_concept(tiny_sd1):
 
 
 def test_alpha_category_and_errors(tiny_sd1):
-    from pure_fast.api import build_options
+    from pure_fast.methods import EraseContext
+    from pure_fast.options import validate_options
 
-    assert build_options("cure", None, {}, "nsfw").alpha == 5.0
-    assert build_options("cure", None, {}, "style").alpha == 2.0
-    assert build_options("cure", None, {"alpha": 3}, "nsfw").alpha == 3
+    def options(category, **kw):
+        return EraseContext.prepare("cure", ["x"], category=category, values=kw).options
+
+    assert options("nsfw").alpha == 5.0
+    assert options("style").alpha == 2.0
+    assert options("nsfw", alpha=3).alpha == 3
     for bad in (0, -1.0, float("inf"), "x"):
         with pytest.raises(UsageError, match="alpha"):
-            CureOptions(alpha=bad).validate()
+            validate_options(CureOptions(alpha=bad))
     with pytest.raises(UsageError, match="token_mode"):
         pure_fast.erase(tiny_sd1, ["Van Gogh"], method="cure", token_mode="every", progress=False)
     with pytest.raises(UsageError, match="rank_tol"):

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import pure_fast
-from pure_fast.methods import METHODS
+from pure_fast.methods import method_names
 
 FAST = dict(size=32, seeds=(0,), steps=4, record_steps=2)
 COLLECTING = {"pure", "acterase"}  # methods that run a denoising trajectory (seeded)
@@ -72,7 +72,7 @@ def _file_parts(path):
     return header, meta, raw[8 + n :]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_same_inputs_same_edit(method, tmp_path):
     a, b = _first(method), _erase(method)
     assert a.content_digest() == b.content_digest()
@@ -90,7 +90,7 @@ def test_same_inputs_same_edit(method, tmp_path):
 
 
 @pytest.mark.parametrize("method", [m if m in ("pure", "uce") else pytest.param(m, marks=pytest.mark.slow)
-                                    for m in METHODS])
+                                    for m in method_names()])
 def test_digest_reacts_to_inputs(method):
     base = _first(method)
     other = _erase(method, forget=("Claude Monet's teacher",))

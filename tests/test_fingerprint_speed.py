@@ -280,7 +280,9 @@ def test_erase_background_error_propagates(tiny_sd1, monkeypatch):
 
 
 def test_erase_method_error_wins_and_cancels_the_background(tiny_sd1, monkeypatch):
-    from pure_fast.methods import uce
+    from dataclasses import replace
+
+    from pure_fast.methods import base, uce
 
     monkeypatch.setenv("PURE_FAST_FP_BACKGROUND", "1")
     cancelled = []
@@ -290,7 +292,7 @@ def test_erase_method_error_wins_and_cancels_the_background(tiny_sd1, monkeypatc
     def broken(*a, **k):
         raise ValueError("method failed")
 
-    monkeypatch.setattr(uce, "make_edit", broken)
+    monkeypatch.setitem(base._REGISTRY, "uce", replace(uce.METHOD, make_edit=broken))
     with pytest.raises(ValueError, match="method failed"):
         _erase(tiny_sd1, "uce")
     assert len(cancelled) == 1 and not cancelled[0]._thread.is_alive()
@@ -298,18 +300,20 @@ def test_erase_method_error_wins_and_cancels_the_background(tiny_sd1, monkeypatc
 
 def test_erase_refingerprints_weights_changed_during_the_method(tiny_sd1, monkeypatch):
     """The guard: a method that (wrongly) changed a weight gets the sequential path's base fingerprint."""
-    from pure_fast.methods import uce
+    from dataclasses import replace
+
+    from pure_fast.methods import base, uce
 
     real = uce.make_edit
     name = sorted(kv_weights(tiny_sd1.unet))[0]
     saved = kv_weights(tiny_sd1.unet)[name].detach().clone()
 
-    def meddling(adapter, *a, **k):
+    def meddling(ctx):
         with torch.no_grad():
-            kv_weights(adapter.unet)[name].mul_(2)
-        return real(adapter, *a, **k)
+            kv_weights(ctx.adapter.unet)[name].mul_(2)
+        return real(ctx)
 
-    monkeypatch.setattr(uce, "make_edit", meddling)
+    monkeypatch.setitem(base._REGISTRY, "uce", replace(uce.METHOD, make_edit=meddling))
     try:
         monkeypatch.setenv("PURE_FAST_FP_BACKGROUND", "1")
         e = _erase(tiny_sd1, "uce")

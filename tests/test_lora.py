@@ -14,8 +14,8 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from pure_fast.edits.edit import Edit, LowRankEdit, kv_weights  # noqa: E402
-from pure_fast.edits.lora import export_lora, export_unet_state_dict  # noqa: E402
 from pure_fast.errors import UsageError  # noqa: E402
+from pure_fast.export.lora import export_lora, export_unet_state_dict  # noqa: E402
 
 
 @dataclass
@@ -109,7 +109,7 @@ def test_lowrank_edit_loads_exactly_in_diffusers(tmp_path, pipes, family, fmt, n
         assert all(k.startswith("lora_unet_") for k in sd)
         alphas = {float(v) for k, v in sd.items() if k.endswith(".alpha")}
         assert alphas == {float(rep["alpha"])} and all(v.dim() == 0 for k, v in sd.items() if k.endswith(".alpha"))
-        from pure_fast.edits.single_file import ldm_unet_key
+        from pure_fast.export.single_file import ldm_unet_key
 
         for n, (up, down) in edit.factors.items():
             m = (ldm_unet_key(n, pipe.unet.config) if names == "ldm" else n)[: -len(".weight")]

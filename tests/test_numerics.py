@@ -167,12 +167,13 @@ def adapter(tiny_sd1):
 
 
 def _run(adapter, forget, retain, **opts):
-    from pure_fast.methods.pure import PureOptions, pure_edit
+    from pure_fast.methods import run_method
+    from pure_fast.methods.pure import PureOptions
 
     collect = dict(FAST, **opts.pop("collect", {}))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        edit = pure_edit(adapter, forget, retain, PureOptions(collect=CollectOptions(**collect), **opts), progress=False)
+        edit = run_method("pure", adapter, list(forget), [], forget, retain, PureOptions(collect=CollectOptions(**collect), **opts), progress=False)
     msgs = [str(w.message) for w in rec]
     for name, (u, d) in edit.factors.items():
         assert _finite(u, d), name

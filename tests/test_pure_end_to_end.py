@@ -9,9 +9,9 @@ import pytest
 
 import pure_fast
 from pure_fast.adapters import wrap_pipeline
-from pure_fast.api import anchor_sets
 from pure_fast.collect.activations import CollectOptions
 from pure_fast.evaluate.metrics import edit_effect
+from pure_fast.prompts import anchor_sets
 from pure_fast.testing import FAST_COLLECT
 
 OPTS = CollectOptions(size=32, seeds=(0,), steps=4, record_steps=2)

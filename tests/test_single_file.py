@@ -6,13 +6,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from pure_fast.edits.single_file import (  # noqa: E402
+from pure_fast.errors import ModelLoadError  # noqa: E402
+from pure_fast.export.single_file import (  # noqa: E402
     ldm_unet_key,
     open_clip_to_ldm,
     pipeline_to_ldm_state_dict,
     save_single_file,
 )
-from pure_fast.errors import ModelLoadError  # noqa: E402
 
 
 def _assert_same(a: torch.nn.Module, b: torch.nn.Module, what: str):
@@ -89,7 +89,7 @@ def test_full_size_unet_layout_inverts_diffusers_converter(arch):
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    from pure_fast.edits.single_file import UNET_PREFIX, unet_to_ldm
+    from pure_fast.export.single_file import UNET_PREFIX, unet_to_ldm
     from pure_fast.testing import ARCHITECTURES
 
     with torch.device("meta"):
@@ -125,7 +125,7 @@ def test_full_size_vae_layout_inverts_diffusers_converter():
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    from pure_fast.edits.single_file import VAE_PREFIX, ldm_vae_key, vae_to_ldm
+    from pure_fast.export.single_file import VAE_PREFIX, ldm_vae_key, vae_to_ldm
 
     with torch.device("meta"):
         vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,

@@ -444,14 +444,17 @@ def test_cli_target_sparsity(tiny_sd1_dir, tmp_path, capsys):
 
 
 def test_toy_categories_default_to_the_measured_target_sparsity():
-    """The toy world's categories aim at TOY_TARGET_SPARSITY (measured on the toy benchmark); other categories
-    keep the paper's 0.85; an explicit option always wins."""
-    from pure_fast import api
-    from pure_fast.methods.space import SpaceOptions
+    """The toy world's categories aim at the measured target (``toy/presets.py``); other categories keep the
+    paper's 0.85; an explicit option always wins."""
+    from pure_fast.methods import EraseContext
+    from pure_fast.toy.presets import SPACE_TARGET_SPARSITY
+
+    def options(category, **kw):
+        return EraseContext.prepare("space", ["red"], category=category, values=kw).options
 
     for cat in ("shape", "colour", "background"):
-        assert api.build_options("space", None, {}, cat).target_sparsity == SpaceOptions.TOY_TARGET_SPARSITY == 0.2
+        assert options(cat).target_sparsity == SPACE_TARGET_SPARSITY == 0.2
     for cat in ("style", "nsfw", None):
-        assert api.build_options("space", None, {}, cat).target_sparsity == 0.85
-    assert api.build_options("space", None, {"target_sparsity": 0.6}, "colour").target_sparsity == 0.6
-    assert api.build_options("space", None, {"lam": 0.25}, "colour").target_sparsity == 0.2
+        assert options(cat).target_sparsity == 0.85
+    assert options("colour", target_sparsity=0.6).target_sparsity == 0.6
+    assert options("colour", lam=0.25).target_sparsity == 0.2

@@ -12,6 +12,7 @@ from pure_fast.methods.space import SpaceOptions, space_operators, space_solve
 from pure_fast.methods.uce import UCEOptions, uce_matrices, uce_tokens
 from pure_fast.ops.fista import fista_objective, fista_solve
 from pure_fast.ops.shifted_low_rank import ShiftedLowRank, right_mm
+from pure_fast.options import validate_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -162,4 +163,4 @@ def test_erase_reports_route_and_matches_dense(tiny_sdxl):
 
 def test_invalid_gram_route():
     with pytest.raises(UsageError, match="gram_route"):
-        SpaceOptions(gram_route="sparse").validate()
+        validate_options(SpaceOptions(gram_route="sparse"))

@@ -8,7 +8,7 @@ import torch
 import pure_fast
 from pure_fast.edits.edit import kv_weights
 from pure_fast.errors import NumericalError
-from pure_fast.methods import cure, space, uce
+from pure_fast.methods import cure, run_method, space, uce
 from pure_fast.methods.text_health import identical_to_guide, identical_to_retain, numerical_rank
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one intra-op thread (conftest)
@@ -81,19 +81,19 @@ def test_forget_identical_to_retained_warns_uce_space_cure(toy):
     opts = uce.UCEOptions()
     with pytest.warns(UserWarning, match=r"UCE: the erase tokens of 'red' are \(nearly\) identical to the tokens of "
                                          r"retained concept 'red': erasing and preserving the same tokens conflict"):
-        e = uce.make_edit(toy, ["red"], ["red"], None, None, options=opts, progress=False)
+        e = run_method("uce", toy, ["red"], ["red"], None, None, options=opts, progress=False)
     assert torch.isfinite(e.U).all() and torch.isfinite(e.V).all()
     with pytest.warns(UserWarning, match=r"SPACE: the erase tokens of 'red' are \(nearly\) identical"):
-        s = space.make_edit(toy, ["red"], ["red"], None, None, progress=False,
+        s = run_method("space", toy, ["red"], ["red"], None, None, progress=False,
                             options=space.SpaceOptions(mu=0.0, max_iter=5, history_every=0))
     assert _applied(s, toy)[1]
     with pytest.warns(UserWarning, match=r"CURE: the tokens of forget concept 'red' are \(nearly\) identical to those "
                                          r"of retained concept 'red'.*small \(P_f - P_f P_r\)"):
-        c = cure.make_edit(toy, ["red"], ["red"], None, None, options=cure.CureOptions(), progress=False)
+        c = run_method("cure", toy, ["red"], ["red"], None, None, options=cure.CureOptions(), progress=False)
     eye = torch.eye(c.d_in, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        alone = cure.make_edit(toy, ["red"], [], None, None, options=cure.CureOptions(), progress=False)
+        alone = run_method("cure", toy, ["red"], [], None, None, options=cure.CureOptions(), progress=False)
     small, full = torch.linalg.norm(c.right_matrix() - eye), torch.linalg.norm(alone.right_matrix() - eye)
     assert torch.isfinite(small) and 0 < small < 0.5 * full  # P_f - P_f P_r = V diag(f - f^2) V^T: reduced, not 0
 
@@ -103,8 +103,8 @@ def test_collinear_erase_tokens_warn_and_equal_doubled_erase_scale(toy):
     token with erase_scale doubled (M and B only see s_e Σ c cᵀ)."""
     with pytest.warns(UserWarning, match=r"UCE: the 2 erase tokens are nearly collinear \(numerical rank 1 of 2, "
                                          r"smallest relative singular value .*\): the ridge lam=0.5 keeps M invertible"):
-        twice = uce.make_edit(toy, ["red", "red"], ["blue"], None, None, options=uce.UCEOptions(), progress=False)
-    once = uce.make_edit(toy, ["red"], ["blue"], None, None, options=uce.UCEOptions(erase_scale=2.0), progress=False)
+        twice = run_method("uce", toy, ["red", "red"], ["blue"], None, None, options=uce.UCEOptions(), progress=False)
+    once = run_method("uce", toy, ["red"], ["blue"], None, None, options=uce.UCEOptions(erase_scale=2.0), progress=False)
     A2, A1 = twice.right_matrix(), once.right_matrix()
     assert torch.isfinite(A2).all()
     assert torch.allclose(A2, A1, atol=1e-5, rtol=1e-4)
@@ -115,7 +115,7 @@ def test_cure_rank_zero_warns_and_changes_nothing(toy, monkeypatch):
     monkeypatch.setattr(cure, "cure_tokens", lambda *a, **k: (torch.zeros(3, d, dtype=torch.float64),
                                                               torch.zeros(0, d, dtype=torch.float64), ["red"] * 3, []))
     with pytest.warns(UserWarning) as rec:
-        e = cure.make_edit(toy, ["red"], ["blue"], None, None, options=cure.CureOptions(), progress=False)
+        e = run_method("cure", toy, ["red"], ["blue"], None, None, options=cure.CureOptions(), progress=False)
     msgs = _health_messages(rec, "CURE")
     assert any(m.startswith("CURE: rank_tol=1e-06 leaves no forget direction (rank 0") for m in msgs), msgs
     assert any(m.startswith("CURE: rank_tol=1e-06 leaves no retain direction (rank 0") for m in msgs), msgs

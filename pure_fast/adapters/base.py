@@ -21,24 +21,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-
-@dataclass(frozen=True)
-class CrossAttnLayer:
-    """One cross-attention layer: ``module`` is the diffusers ``Attention`` named ``name`` in the UNet."""
-
-    name: str  # module path inside the UNet, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
-    module: Any = field(repr=False, compare=False)
-    d_out: int  # to_k.out_features == to_v.out_features == inner dim of the attention output
-    d_in: int  # to_k.in_features == cross_attention_dim (text embedding width)
-    heads: int
-
-    @property
-    def key_weight(self) -> str:
-        return f"{self.name}.to_k.weight"
-
-    @property
-    def value_weight(self) -> str:
-        return f"{self.name}.to_v.weight"
+from ..progress import progress_bar
+from .layers import CrossAttnLayer, find_cross_attention_layers
+from .schedulers import make_scheduler
 
 
 @dataclass
@@ -129,8 +114,6 @@ class ModelAdapter:
 
     # ---- layers -----------------------------------------------------------------------------------
     def cross_attention_layers(self) -> list[CrossAttnLayer]:
-        from ..collect.layers import find_cross_attention_layers
-
         return find_cross_attention_layers(self.unet)
 
     def weight_names(self) -> list[str]:
@@ -150,8 +133,6 @@ class ModelAdapter:
         return torch.cat(noise).to(self.device, self.dtype)
 
     def make_scheduler(self, name: str | None = None):
-        from .schedulers import make_scheduler
-
         return make_scheduler(self.pipe.scheduler, name)
 
     def denoise(
@@ -219,8 +200,6 @@ class ModelAdapter:
         progress: bool = True,
     ) -> list[list[Any]]:
         """Images[i][j] for prompt i and seed j (PIL). Same seeds -> same noise, with or without an edit."""
-        from ..progress import progress_bar
-
         pairs = [(i, j) for i in range(len(prompts)) for j in range(len(seeds))]
         images: list[list[Any]] = [[None] * len(seeds) for _ in prompts]
         with torch.no_grad(), progress_bar(total=len(pairs), desc="generate", enabled=progress) as bar:

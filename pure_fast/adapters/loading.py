@@ -14,7 +14,8 @@ import os
 
 import torch
 
-from ..errors import ModelLoadError, UsageError
+from ..errors import ModelLoadError, NumericalError, UsageError
+from ..ops.finite import finite_stats
 from .base import ModelAdapter
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -76,9 +77,6 @@ def _pickle_only_components(folder: str) -> list[str]:
 
 def check_finite_parameters(module: torch.nn.Module, what: str = "UNet") -> None:
     """Refuse a model whose parameters hold NaN/Inf (names the first bad tensor and the count)."""
-    from ..errors import NumericalError
-    from ..ops.finite import finite_stats
-
     for name, p in module.named_parameters():
         if p.is_floating_point() and p.numel():
             bad, _ = finite_stats(p.detach())

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 
+from ..errors import UsageError
 from .base import Conditioning, ModelAdapter, TokenEmbeddings
 
 
@@ -25,8 +26,6 @@ class SDAdapter(ModelAdapter):
     def latent_shape(self, size: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor
         if size % (8 if f >= 8 else f) != 0:
-            from ..errors import UsageError
-
             raise UsageError(f"image size {size} must be a multiple of {8 if f >= 8 else f}")
         return (self.unet.config.in_channels, size // f, size // f)
 

@@ -12,6 +12,8 @@ however many anchors stream in.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -19,6 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters.base import CrossAttnLayer, ModelAdapter
+from ..errors import UsageError
+from ..ops.pooled_attention import pooled_attention
+from ..options import option
+from ..progress import progress_bar
 
 
 # ---- options --------------------------------------------------------------------------------------------
@@ -33,37 +39,28 @@ class CollectOptions:
     Gram matrix once it holds more rows than this (None = the layer width).
     """
 
-    steps: int = 10
-    record_steps: int | None = 5
-    seeds: tuple[int, ...] = (0, 1)
-    size: int | None = None
-    guidance_scale: float | None = None
-    scheduler: str | None = "ddim"
-    batch_size: int = 16
-    max_rows: int | None = None
+    steps: int = option(10, help="collection schedule length", range=(1, 1000, "[]"))
+    record_steps: int | None = option(5, help="recorded (first) steps of the schedule", range=(1, 1000, "[]"))
+    seeds: tuple[int, ...] = option(help="collection seed(s) (repeatable)", flag="--seed",
+                                    default_factory=lambda: (0, 1))
+    size: int | None = option(None, help="collection resolution in pixels", range=(8, 4096, "[]"),
+                              use="[8, 4096] pixels")
+    guidance_scale: float | None = option(None, help="collection CFG scale", range=(0, 100, "[]"), flag="--guidance")
+    scheduler: str | None = option("ddim", help="sampler of the collection trajectory", flag=False)
+    batch_size: int = option(16, help="samples per UNet call (lower it to save memory)", range=(1, math.inf, "[)"))
+    max_rows: int | None = option(None, help="rows a group keeps before it streams a Gram matrix (None: the layer "
+                                  "width)", range=(1, math.inf, "[)"), flag=False)
 
-    def validate(self) -> None:
-        from ..errors import UsageError
-
-        if not (isinstance(self.steps, int) and 1 <= self.steps <= 1000):
-            raise UsageError(f"steps={self.steps!r} is out of range; use an integer in [1, 1000]")
+    def check(self) -> None:
+        """Rules across fields (the ranges are checked from the field metadata, ``options.validate_options``)."""
         if self.record_steps is not None and not (1 <= self.record_steps <= self.steps):
             raise UsageError(f"record_steps={self.record_steps!r} must be in [1, steps={self.steps}]")
         if not self.seeds:
             raise UsageError("seeds is empty; give at least one seed")
-        import numbers
-
         bad = [s for s in self.seeds
                if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not -(2**63) <= int(s) < 2**64]
         if bad:
             raise UsageError(f"seed {bad[0]!r} is not an integer in [-2**63, 2**64) (torch's seed range)")
-        if self.batch_size < 1:
-            raise UsageError(f"batch_size={self.batch_size} must be >= 1")
-        if self.size is not None and not (8 <= self.size <= 4096):
-            raise UsageError(f"size={self.size} is out of range; use [8, 4096] pixels")
-        if self.guidance_scale is not None and not (0 <= self.guidance_scale <= 100):
-            raise UsageError(f"guidance_scale={self.guidance_scale} is out of range; use [0, 100]")
-
 
 # ---- per-group statistics ---------------------------------------------------------------------------
 @dataclass
@@ -162,8 +159,6 @@ class PooledCrossAttnProcessor:
         self.recorder = recorder
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
-        from ..ops.pooled_attention import pooled_attention
-
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -245,11 +240,9 @@ def collect_activations(
     options: CollectOptions | None = None,
     progress: bool = True,
 ) -> Activations:
-    """Run the collection trajectory for every prompt of every group and return the pooled statistics."""
-    from ..progress import progress_bar
-
+    """Run the collection trajectory for every prompt of every group and return the pooled statistics.
+    ``options`` are taken as validated (``options.validate_options``, run once where options are built)."""
     opts = options or CollectOptions()
-    opts.validate()
     layers = adapter.cross_attention_layers()
     recorder = Recorder(layers, opts.max_rows)
     samples = [(g, p, s) for g, prompts in prompt_groups.items() for p in prompts for s in opts.seeds]

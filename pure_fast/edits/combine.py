@@ -35,6 +35,9 @@ import torch
 
 from ..errors import EditFileError, UsageError
 from .edit import Edit, LowRankEdit
+from .patch import ConceptPatch, PatchEdit
+from .shared import SharedRightEdit
+from .sparse import SparseWeightsEdit
 
 COMBINERS: dict[str, Callable[[list[Edit]], Edit]] = {}
 
@@ -109,9 +112,6 @@ def check_combinable(edits: list[Edit], *, force: bool = False) -> None:
 def combine(edits: list[Edit], *, force: bool = False) -> Edit:
     """One edit equal to applying ``edits`` in order (see the module notes for what is supported)."""
     edits = list(edits)
-    from .io import _register_all
-
-    _register_all()
     check_combinable(edits, force=force)
     return COMBINERS[edits[0].kind](edits)
 
@@ -137,8 +137,6 @@ def _combine_lowrank(edits: list[LowRankEdit]) -> LowRankEdit:
 
 @combiner("shared_right")
 def _combine_shared(edits):
-    from .shared import SharedRightEdit
-
     shapes = dict(edits[0].shapes)
     for e in edits[1:]:
         if set(e.shapes) != set(shapes):
@@ -161,8 +159,6 @@ def _combine_shared(edits):
 
 @combiner("csr_weights")
 def _combine_sparse(edits):
-    from .sparse import SparseWeightsEdit
-
     stored: dict = {}
     shapes: dict = {}
     for e in edits:  # later edits replace what earlier ones wrote (CSR- or dense-stored alike)
@@ -175,8 +171,6 @@ def _combine_sparse(edits):
 
 @combiner("patch")
 def _combine_patch(edits):
-    from .patch import ConceptPatch, PatchEdit
-
     rt = edits[0].runtime()
     for e in edits[1:]:
         if e.runtime() != rt:

@@ -11,21 +11,21 @@ and keeps the old ones, so ``revert`` restores them bit-exactly. Applied edits f
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
+from .. import __version__
+from ..adapters.layers import find_cross_attention_layers
 from ..errors import EditFileError, FingerprintMismatch, NumericalError
+from ..ops.apply_edit import apply_lowrank
+from ..ops.finite import finite_stats
 from . import fingerprint as fp
-
-KINDS: dict[str, type["Edit"]] = {}
-
-
-def register(cls):
-    KINDS[cls.kind] = cls
-    return cls
+from .io import KINDS, load_edit, register, save_edit  # noqa: F401 - KINDS and register: the kinds' registry
 
 
 def resolve_unet(model) -> torch.nn.Module:
@@ -39,8 +39,6 @@ def resolve_unet(model) -> torch.nn.Module:
 
 def kv_weights(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """Every attn2 to_k / to_v weight of the UNet by name (the set fingerprints are taken over)."""
-    from ..collect.layers import find_cross_attention_layers
-
     out = {}
     for layer in find_cross_attention_layers(unet):
         out[layer.key_weight] = layer.module.to_k.weight
@@ -82,8 +80,6 @@ class Edit:
 
     def __post_init__(self):
         if not self.version:
-            from .. import __version__
-
             self.version = __version__
 
     # ---- to implement -------------------------------------------------------------------------------
@@ -144,8 +140,6 @@ class Edit:
                 )
         for name, t in self.tensors().items():
             if t.is_floating_point():
-                from ..ops.finite import finite_stats
-
                 bad, _ = finite_stats(t)
                 if bad:
                     raise NumericalError(f"edit tensor {name} has {bad} NaN/Inf values; refusing to apply it")
@@ -176,8 +170,6 @@ class Edit:
         Computed in float64, rounded once; raises NumericalError when a result is not finite. ``weights``:
         the model's K/V weights (``validate_against``'s result).
         """
-        from ..ops.finite import finite_stats
-
         names = self.target_weights()
         computed = dict(self.new_weights({n: weights[n].detach().to(torch.float64) for n in names}))
         new_values = {}
@@ -231,14 +223,10 @@ class Edit:
         pass
 
     def save(self, path: str) -> str:
-        from .io import save_edit
-
         return save_edit(self, path)
 
     @staticmethod
     def load(path: str) -> "Edit":
-        from .io import load_edit
-
         return load_edit(path)
 
     def nbytes(self) -> int:
@@ -254,9 +242,6 @@ class Edit:
         anywhere inside ``stats``). Determinism is defined on it: the same model, inputs, options and seeds
         give the same digest on CPU (tests/test_determinism.py).
         """
-        import hashlib
-        import json
-
         def strip(x):
             if isinstance(x, dict):
                 return {k: strip(v) for k, v in x.items() if k not in self.VOLATILE_STATS}
@@ -319,8 +304,6 @@ class LowRankEdit(Edit):
         ulps: BLAS may sum a batched product in another order; after rounding to the storage dtype at most
         one ulp where the value sits on a rounding boundary). Tested in tests/test_apply_edit.py.
         """
-        from ..ops.apply_edit import apply_lowrank
-
         return apply_lowrank(current, {n: self.factors[n] for n in current})
 
     def delta(self, name, current):

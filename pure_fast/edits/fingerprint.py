@@ -51,10 +51,13 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Mapping
 
 import torch
+
+from ..errors import UsageError
 
 KINDS = ("exact", "float16", "bfloat16")
 CASTS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -74,8 +77,6 @@ def workers(n_tasks: int | None = None) -> int:
     env = os.environ.get("PURE_FAST_FP_WORKERS", "").strip()
     if env:
         if not env.isdigit() or int(env) < 1:
-            from ..errors import UsageError
-
             raise UsageError(f"PURE_FAST_FP_WORKERS={env!r} is not valid; use a whole number >= 1 (hashing threads)")
         n = int(env)
     else:
@@ -291,8 +292,6 @@ class Background:
     """
 
     def __init__(self, weights: Mapping[str, torch.Tensor]):
-        import time
-
         self.weights = dict(weights)
         self._state = _state(self.weights)
         self._events = record_events(self.weights.values())
@@ -316,8 +315,6 @@ class Background:
         self._thread.start()
 
     def result(self) -> Parts:
-        import time
-
         t0 = time.perf_counter()
         self._thread.join()
         self.wait_s += time.perf_counter() - t0

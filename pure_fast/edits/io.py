@@ -24,7 +24,14 @@ import torch
 
 from ..errors import EditFileError
 from ..fileio import load_safetensors, save_safetensors
-from .edit import KINDS, Edit
+from ..ops.finite import finite_stats
+
+KINDS: dict[str, type] = {}  # edit kind -> its Edit class; every kind registers (``edits/__init__`` imports them all)
+
+
+def register(cls):
+    KINDS[cls.kind] = cls
+    return cls
 
 REQUIRED = {"format": str, "format_version": int, "kind": str, "method": str, "family": str, "concepts": dict,
             "options": dict, "weights": dict}
@@ -39,7 +46,8 @@ MAX_WEIGHT_ELEMENTS = 1 << 26  # 64 Mi elements; SDXL's largest K/V weight has 1
 #                                is decoded densely, so this bounds what a hostile header can make us allocate)
 
 
-def save_edit(edit: Edit, path: str) -> str:
+def save_edit(edit, path: str) -> str:
+    """Write an Edit (anything with ``meta()`` and ``tensors()``) as a native edit file (atomic)."""
     meta = json.dumps(edit.meta(), sort_keys=True)
     return save_safetensors(edit.tensors(), path, metadata={"pure_fast": meta})
 
@@ -84,9 +92,8 @@ def parse_meta(raw: dict, path: str) -> dict:
     return meta
 
 
-def load_edit(path: str) -> Edit:
-    """Load and validate an edit file (never unpickles anything)."""
-    _register_all()
+def load_edit(path: str):
+    """Load and validate an edit file (never unpickles anything); returns the Edit of its kind."""
     tensors, raw_meta = load_safetensors(path)
     meta = parse_meta(raw_meta, path)
     for name, t in tensors.items():
@@ -97,8 +104,6 @@ def load_edit(path: str) -> Edit:
                 f"{meta['kind']!r} stores only {', '.join(sorted(str(d).replace('torch.', '') for d in allowed))}"
             )
         if t.is_floating_point():
-            from ..ops.finite import finite_stats
-
             if finite_stats(t)[0]:
                 raise EditFileError(f"{path}: tensor {name} contains NaN/Inf values")
     try:
@@ -108,14 +113,3 @@ def load_edit(path: str) -> Edit:
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise EditFileError(f"{path}: malformed edit ({type(exc).__name__}: {exc})") from None
 
-
-def _register_all():
-    """Import every module that registers an edit kind."""
-    import importlib
-
-    for mod in ("shared", "sparse", "patch"):
-        try:
-            importlib.import_module(f"{__package__}.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{mod}":
-                raise

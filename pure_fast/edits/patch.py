@@ -50,8 +50,10 @@ from typing import ClassVar
 
 import torch
 
+from ..adapters.layers import find_cross_attention_layers
 from ..errors import EditFileError, NumericalError
-from .edit import Edit, _common_fields, register
+from ..ops.finite import finite_stats
+from .edit import Edit, _common_fields, kv_weights, register
 
 GATES = ("soft", "off")
 MODES = ("replace", "shift")
@@ -251,10 +253,6 @@ class PatchEdit(Edit):
         return cls(patches=patches, shapes=shapes, **_common_fields(meta))
 
     def validate_against(self, unet):
-        from ..collect.layers import find_cross_attention_layers
-        from ..ops.finite import finite_stats
-        from .edit import kv_weights
-
         layers = {l.name: l for l in find_cross_attention_layers(unet)}
         missing = [n for n in self.shapes if n not in layers]
         if missing:

@@ -1,6 +1,6 @@
 """The shared-right-matrix edit kind: ``W <- W A`` for every target weight, with ONE ``d_in x d_in`` matrix A.
 
-Text-space closed forms (UCE, CURE; DESIGN.md) change every ``to_k`` / ``to_v`` weight by right
+Text-space closed forms (UCE, CURE: ``methods/uce.py``, ``methods/cure.py``) change every ``to_k`` / ``to_v`` weight by right
 multiplication with the same matrix, because their targets are all of the form ``W0 · (something in text
 space)``:
 
@@ -29,6 +29,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import EditFileError
+from ..ops.apply_edit import apply_shared
 from .edit import Edit, _common_fields, register
 
 
@@ -88,8 +89,6 @@ class SharedRightEdit(Edit):
         return self.new_weights({name: current})[name]
 
     def new_weights(self, current):
-        from ..ops.apply_edit import apply_shared
-
         current = {n: w.to(torch.float64) for n, w in current.items()}
         if self.A is not None:
             return apply_shared(current, A=self.A.to(torch.float64))

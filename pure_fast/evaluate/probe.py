@@ -1,4 +1,5 @@
-"""The linear probe of papers/000 Fig. 2 on the toy model: text-embedding basis vs activation basis.
+"""The linear probe of Fig. 2 of "Concept Unlearning via Cross-Attention Activation Projection for Diffusion
+Models" (arXiv:2605.25765) on the toy model: text-embedding basis vs activation basis.
 
 Question: does a basis built from short *anchor* prompts capture a concept well enough that a linear
 classifier trained on anchors recognises the concept in *held-out paraphrases* (held-out templates and
@@ -30,7 +31,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from ..collect.activations import CollectOptions, collect_activations
+from ..progress import progress_bar
 from ..toy import world
+from .report import _plt, _save_fig, write_json, write_text
+from .toy_bench import provenance
 
 
 @dataclass
@@ -58,8 +63,6 @@ def text_features(adapter, prompts: list[str], batch: int = 128) -> np.ndarray:
 
 @torch.no_grad()
 def activation_features(adapter, prompts: list[str], seeds=(0,), progress: bool = False) -> np.ndarray:
-    from ..collect.activations import CollectOptions, collect_activations
-
     opts = replace(CollectOptions(), seeds=tuple(seeds), max_rows=10**9)
     acts = collect_activations(adapter, {str(i): [p] for i, p in enumerate(prompts)}, opts, progress=progress)
     blocks = []
@@ -110,9 +113,6 @@ def fit_probe(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, basis_threshold: f
 
 def run_probe(adapter, *, quick: bool = False, settings: ProbeSettings | None = None, progress: bool = True,
               command: str | None = None) -> dict:
-    from ..progress import progress_bar
-    from .toy_bench import provenance
-
     s = settings or (ProbeSettings.quick() if quick else ProbeSettings())
     t0 = time.perf_counter()
     concepts = list(s.concepts or world.all_concepts())
@@ -150,7 +150,7 @@ def run_probe(adapter, *, quick: bool = False, settings: ProbeSettings | None = 
         cs = [c for c in concepts if group == "all" or world.category_of(c) == group]
         summary[group] = {name: {m: float(np.mean([per[c][name][m] for c in cs]))
                                  for m in ("recall", "specificity", "balanced_accuracy")} for name in feats}
-    return {"probe": "papers/000 Fig. 2 on the toy model (pure_fast.evaluate.probe)",
+    return {"probe": "PURE paper (arXiv:2605.25765) Fig. 2 on the toy model (pure_fast.evaluate.probe)",
             "settings": {"seeds": list(s.seeds), "l2": s.l2, "basis_threshold": s.basis_threshold,
                          "concepts": concepts},
             "feature_dims": {k: int(v.shape[1]) for k, v in feats.items()}, "n_prompts": len(prompts),
@@ -182,8 +182,6 @@ def markdown(res: dict) -> str:
 
 
 def chart(res: dict, path: str) -> str:
-    from .report import _plt, _save_fig
-
     plt = _plt()
     groups = list(res["summary"])
     fig, ax = plt.subplots(figsize=(1.3 * len(groups) + 2, 3.0))
@@ -195,13 +193,11 @@ def chart(res: dict, path: str) -> str:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("recall on held-out paraphrases")
     ax.legend(fontsize=8)
-    ax.set_title("binary probing recall (toy model; cf. papers/000 Fig. 2)", fontsize=9)
+    ax.set_title("binary probing recall (toy model; cf. arXiv:2605.25765 Fig. 2)", fontsize=9)
     return _save_fig(fig, path)
 
 
 def write_probe(res: dict, out_dir: str, stem: str = "probe") -> dict[str, str]:
-    from .report import write_json, write_text
-
     os.makedirs(out_dir, exist_ok=True)
     return {"json": write_json(os.path.join(out_dir, f"{stem}.json"), res),
             "md": write_text(os.path.join(out_dir, f"{stem}.md"), markdown(res)),

@@ -16,7 +16,7 @@ model), images are generated with fixed seeds (``EvalSettings.seeds``) from:
   attributes of forget prompts;
 - canonical prompts of every neighbour ``n`` (the other members of ``K``), ``n_neighbour`` each.
 
-Protocol: each method erases ``c`` with its own defaults (PURE: ``PureOptions.for_category``), retain set
+Protocol: each method erases ``c`` with its own defaults (the toy categories' presets: ``toy/presets.py``), retain set
 ``default_retain([c])`` (the two members that follow ``c`` in its category); retention is measured on all
 neighbours.
 
@@ -66,7 +66,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .. import __version__, api
+from ..adapters.base import Conditioning
+from ..errors import UsageError
+from ..methods import method_names
+from ..progress import progress_bar
 from ..toy import world
+from ..toy.detectors import detect, detect_colour, features
 from . import attacks
 
 TERMS = ("forget", "retention", "robustness", "quality")  # 1-target, retention, 1-attack, quality
@@ -102,8 +108,6 @@ class EvalSettings:
         return replace(base, **kw)
 
     def validate(self) -> None:
-        from ..errors import UsageError
-
         if not self.seeds:
             raise UsageError("no evaluation seeds; give at least one (--seeds N)")
         if not (1 <= self.steps <= 1000):
@@ -158,9 +162,6 @@ def generate_arrays(adapter, prompts: Sequence[str], seeds: Sequence[int], *, st
                     batch_size: int = 128, progress: bool = False, desc: str = "generate") -> np.ndarray:
     """uint8 [N, H, W, 3] for the pairs (prompts[i], seeds[i]); prompts encoded once, large UNet batches.
     The image of a pair does not depend on the batching (per-sample initial noise)."""
-    from ..adapters.base import Conditioning
-    from ..progress import progress_bar
-
     assert len(prompts) == len(seeds)
     if not prompts:
         return np.zeros((0, adapter.default_size, adapter.default_size, 3), np.uint8)
@@ -232,8 +233,6 @@ def _rate(x) -> float:
 def evaluate_concept(adapter, concept: str, settings: EvalSettings | None = None, *, progress: bool = False,
                      keep_images: bool = False) -> dict:
     """Measure the adapter as it is now (apply an edit before calling) on ``concept``. See the module doc."""
-    from ..toy.detectors import detect, features
-
     s = settings or EvalSettings()
     s.validate()
     cat = world.category_of(concept)
@@ -334,19 +333,23 @@ def _quality(labels: list[dict], imgs: np.ndarray, n_ref: int, features) -> dict
 
 # ---- methods -----------------------------------------------------------------------------------------------
 def available_methods() -> tuple[list[str], dict[str, str]]:
-    """(methods whose module imports, {method: why not} for the others), in METHODS order."""
-    from importlib import import_module
+    """(registered methods, {method: why not} for the unavailable ones), in registry order. Every registered
+    method is available (a method module that cannot be imported fails the registry's import)."""
+    return list(method_names()), {}
 
-    from ..methods import METHODS
 
-    ok, missing = [], {}
-    for m in METHODS:
-        try:
-            import_module(f"pure_fast.methods.{m}")
-            ok.append(m)
-        except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
-            missing[m] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    return ok, missing
+def colour_rates(adapter, colours, *, every: int = 3, seeds=(0, 1), steps: int = 10) -> dict[str, float]:
+    """Fraction of images whose detected colour is the asked one, per colour: the colour's canonical
+    prompts (every ``every``-th of the 25 shape x background combinations), ``seeds`` each, DDIM ``steps``."""
+    out = {}
+    for colour in colours:
+        prompts = [p for p, _ in world.canonical_prompts(colour)][::every]
+        cond = adapter.encode(prompts).repeat_interleave(len(seeds))
+        with torch.no_grad():
+            lat = adapter.denoise(cond, list(seeds) * len(prompts), steps=steps)
+        labels, _ = detect_colour(adapter.decode_array(lat))
+        out[colour] = round(float(np.mean([lab == colour for lab in labels])), 4)
+    return out
 
 
 def default_retain(forget: Sequence[str], n: int = 2) -> list[str]:
@@ -375,8 +378,6 @@ def default_retain(forget: Sequence[str], n: int = 2) -> list[str]:
 
 def make_edit(adapter, method: str, forget: Sequence[str], retain: Sequence[str], progress: bool = False):
     """The method's edit on the toy model with its defaults (category = the first forget concept's)."""
-    from .. import api
-
     return api.erase(adapter, list(forget), list(retain), method=method, category=world.category_of(forget[0]),
                      progress=progress, fingerprint=False)
 
@@ -415,8 +416,6 @@ def provenance(command: str | None = None) -> dict:
     import diffusers
     import transformers
 
-    from .. import __version__
-
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                                 cwd=__file__.rsplit("/pure_fast/", 1)[0]).stdout.strip() or None
@@ -451,8 +450,6 @@ def json_ready(obj):
 def bench_quality(adapter, methods: Sequence[str] | None = None, concepts: dict[str, list[str]] | None = None,
                   settings: EvalSettings | None = None, *, progress: bool = True, command: str | None = None) -> dict:
     """Every method (plus 'none' first) on every concept (each erased alone, retain = its neighbours)."""
-    from ..progress import progress_bar
-
     t0 = time.perf_counter()
     s = settings or EvalSettings()
     concepts = concepts or BENCH_CONCEPTS

@@ -1,4 +1,5 @@
-"""ActErase: training-free concept erasure by inference-time activation patching (papers/002).
+"""ActErase: training-free concept erasure by inference-time activation patching ("ActErase: A Training-Free
+Paradigm for Precise Concept Erasure via Activation Patching", arXiv:2601.00267).
 
 The paper (abstract only; no code, no details) describes: prompt pairs locate where activations differ,
 the target activations are extracted, and at inference the input activations are replaced during the
@@ -11,9 +12,9 @@ neutral ``anchor`` phrase (whitespace, dangling punctuation and a/an fixed after
 - toy-world concepts appear through surface forms ("crimson" for red): every anchor/held-out surface form
   of the concept is replaced (longest first, whole words);
 - default ``anchor``: "" (the category-free prompt) for every category except ``celebrity`` ("a person",
-  the usual neutral for identities). For the toy world, "" gives e.g. "a star on a striped background",
-  a caption the model was trained on (templates may omit a slot; the attribute is then drawn at random),
-  so the neutral twin is "the same image, colour unconstrained";
+  the usual neutral for identities; ``prompts.CATEGORY_PRESETS``). For the toy world, "" gives e.g.
+  "a star on a striped background", a caption the model was trained on (templates may omit a slot; the
+  attribute is then drawn at random), so the neutral twin is "the same image, colour unconstrained";
 - a prompt where the concept cannot be found is skipped with a warning; a concept with no pair is an error.
 
 Where they differ (collection). PURE's collector (``collect.activations``, reused as is) records the
@@ -50,7 +51,8 @@ layer) pairs whose gate would open (``stats['retain_gated_fraction']``); above 2
 higher ``gate_threshold`` or ``retain_threshold``.
 
 Defaults, picked on the toy world (erase red, retain the other five colours; detector rate on red
-canonical prompts, fresh seeds; ``python -m pure_fast.methods.acterase`` reproduces it):
+canonical prompts, fresh seeds; ``evaluate.toy_bench.colour_rates`` measures it, see
+``tests/test_acterase.py``):
 replace, soft gate, t = 0.5, s = 1, forget threshold 0.9, max rank 4, no retain projection.
 Sweep (10-18 images per colour, DDIM 10 steps): default red 1.0 → 0.0 with orange, yellow, purple at
 1.0; mode='shift' leaves red at 0.89 (a uniform shift keeps the object's red where it is); t = 0.3 lets
@@ -84,88 +86,59 @@ Numerical health (the math is unchanged; degenerate inputs give a documented res
 from __future__ import annotations
 
 import re
-import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
-from ..adapters.base import ModelAdapter
-from ..collect.activations import CollectOptions, collect_activations
-from ..edits.patch import ConceptPatch, PatchEdit, check_runtime
+from ..collect.activations import CollectOptions
+from ..edits.patch import GATES, MODES, ConceptPatch, PatchEdit
 from ..errors import NumericalError, UsageError
 from ..estimate.subspace import shape_groups
 from ..ops.batched_svd import subspace_basis
+from ..options import option
+from ..toy import world
+from .base import EraseContext, Method
 
-CATEGORY_ANCHORS = {"celebrity": "a person"}
 GATE_TOL = 1e-6  # |mu_f - mu_a|^2 below this share of the mean |delta V|^2: the soft gate never opens
 RETAIN_KEEP_TOL = 1e-3  # share of a concept's difference energy left after the retain projection
 IDENTICAL_SPREAD = 1e-8  # centred / uncentred energy of the difference rows: one repeated row
+THRESHOLD = (0, 1, "(]")
 
 
 @dataclass
 class ActEraseOptions:
-    """anchor: neutral phrase replacing the concept (None = the category default, see the docstring).
-    forget_threshold / retain_threshold: cumulative-energy thresholds in (0, 1] (retain None = no
-    protection). max_rank: rank cap per concept and layer. strength (0, 1], gate 'soft'/'off',
-    gate_threshold [0, 1), mode 'replace'/'shift': the runtime patch (``edits.patch``)."""
+    """The options of ActErase (see the module docstring for what each does and how the defaults were picked)."""
 
-    anchor: str | None = None
-    forget_threshold: float = 0.9
-    retain_threshold: float | None = None
-    max_rank: int | None = 4
-    strength: float = 1.0
-    gate: str = "soft"
-    gate_threshold: float = 0.5
-    mode: str = "replace"
-    category: str | None = None
+    anchor: str | None = option(None, help="neutral phrase replacing the concept (None: the category's, \"\" "
+                                "for most; \"a person\" for celebrity)")
+    forget_threshold: float = option(0.9, range=THRESHOLD, help="ActErase cumulative-energy threshold (0,1]")
+    retain_threshold: float | None = option(None, range=THRESHOLD,
+                                            help="ActErase cumulative-energy threshold (0,1] (None: no protection)")
+    max_rank: int | None = option(4, range=(1, 4096, "[]"), use="an integer in [1, 4096] (or None)",
+                                  help="rank cap per concept and layer")
+    strength: float = option(1.0, range=(0, 1, "(]"), help="patch strength (0,1]")
+    gate: str = option("soft", choices=GATES, help="the presence gate")
+    gate_threshold: float = option(0.5, range=(0, 1, "[)"), help="presence where the soft gate starts to open [0,1)")
+    mode: str = option("replace", choices=MODES, help="replace every position's component, or shift the mean")
     collect: CollectOptions = field(default_factory=CollectOptions)
 
-    @classmethod
-    def for_category(cls, category: str, **kw) -> "ActEraseOptions":
-        return cls(category=category, **kw)
-
     def resolved_anchor(self) -> str:
-        if self.anchor is not None:
-            return self.anchor
-        return CATEGORY_ANCHORS.get((self.category or "").lower(), "")
-
-    def validate(self) -> None:
-        if self.anchor is not None and not isinstance(self.anchor, str):
-            raise UsageError(f"anchor={self.anchor!r} must be a string (\"\" for the category-free prompt)")
-        for name in ("forget_threshold", "retain_threshold"):
-            v = getattr(self, name)
-            if name == "retain_threshold" and v is None:
-                continue
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1):
-                raise UsageError(f"{name}={v!r} is out of range; use a value in (0, 1]")
-        if self.max_rank is not None and not (isinstance(self.max_rank, int) and 1 <= self.max_rank <= 4096):
-            raise UsageError(f"max_rank={self.max_rank!r} is out of range; use an integer in [1, 4096] (or None)")
-        check_runtime(self.strength, self.gate, self.gate_threshold, self.mode, err=UsageError)
-        self.collect.validate()
-
-
-OPTIONS = ActEraseOptions
+        return "" if self.anchor is None else self.anchor
 
 
 # ---- prompt pairs -----------------------------------------------------------------------------------
 def _surface_forms(concept: str) -> list[str]:
-    try:
-        from ..toy import world
-
-        return world.surface_forms(concept, "all")
-    except (KeyError, ImportError):
-        return []
+    """The toy world's surface forms of ``concept`` ("crimson" for red); none for any other concept."""
+    return world.surface_forms(concept, "all") if concept in world.SURFACE_FORMS else []
 
 
 def _tidy(text: str) -> str:
-    from ..toy.world import _fix_articles
-
     text = " ".join(text.split())
     text = re.sub(r"\s+([,.;:])", r"\1", text)
     text = re.sub(r"([,;:])(?=[,;:.])", "", text)
     text = text.strip(" ,;:")
-    return _fix_articles(text) if text else text
+    return world._fix_articles(text) if text else text
 
 
 def neutral_prompt(prompt: str, concept: str, anchor: str = "") -> str | None:
@@ -265,14 +238,10 @@ def _means(acts, prompts: list[str], layer_idx: list[int]) -> torch.Tensor:
     return torch.stack([torch.stack([acts.stats[f"p:{p}"][i].mean() for p in prompts]) for i in layer_idx])
 
 
-def make_edit(adapter: ModelAdapter, forget, retain, f_prompts: dict[str, list[str]], r_prompts: list[str],
-              options: ActEraseOptions | None = None, progress: bool = True) -> PatchEdit:
-    """Build the ActErase patch. ``f_prompts``: concept -> anchor prompts; ``r_prompts``: retain anchors."""
-    opts = options or ActEraseOptions()
-    opts.validate()
+def make_edit(ctx: EraseContext) -> PatchEdit:
+    """Build the ActErase patch from the context's forget anchors (per concept) and retain anchors."""
+    opts, f_prompts, r_prompts, retain = ctx.options, ctx.forget_prompts, ctx.retain_prompts, ctx.retain
     anchor = opts.resolved_anchor()
-    timings = {}
-    t0 = time.perf_counter()
     pairs = {}
     for c, prompts in f_prompts.items():
         pp = prompt_pairs(list(prompts), [c], anchor)
@@ -295,12 +264,17 @@ def make_edit(adapter: ModelAdapter, forget, retain, f_prompts: dict[str, list[s
     r_list = list(dict.fromkeys(r_prompts))
     unique = list(dict.fromkeys([x for pp in pairs.values() for pq in pp for x in pq]
                                 + [x for pq in r_pairs for x in pq] + r_list))
-    acts = collect_activations(adapter, {f"p:{p}": [p] for p in unique}, opts.collect, progress=progress)
-    if adapter.device.type == "cuda":
-        torch.cuda.synchronize()
-    timings["collect_s"] = time.perf_counter() - t0
+    acts = ctx.collect({f"p:{p}": [p] for p in unique})
+    with ctx.timed("estimate_s"):
+        patches, shapes, stats = _estimate(ctx, acts, pairs, r_pairs, r_list, len(unique))
+    return PatchEdit(method="acterase", family=ctx.adapter.family,
+                     concepts={"forget": list(pairs), "retain_prompts": list(r_prompts)},
+                     options=ctx.options_meta(anchor=anchor), patches=patches, shapes=shapes, stats=stats)
 
-    t0 = time.perf_counter()
+
+def _estimate(ctx: EraseContext, acts, pairs, r_pairs, r_list, n_collected: int):
+    """(patches, shapes, stats) from the collected activations (see the module docstring)."""
+    opts = ctx.options
     layers = acts.layers
     patches: dict[str, list[ConceptPatch]] = {l.name: [] for l in layers}
     ranks: dict[str, dict[str, int]] = {c: {} for c in pairs}
@@ -350,17 +324,9 @@ def make_edit(adapter: ModelAdapter, forget, retain, f_prompts: dict[str, list[s
     if not patches:
         warnings.warn("ActErase found no difference between the forget prompts and their neutral twins; "
                       "the patch is empty", stacklevel=2)
-    timings["estimate_s"] = time.perf_counter() - t0
-
-    collect_opts = asdict(opts.collect)
-    collect_opts["seeds"] = list(collect_opts["seeds"])
-    options_meta = {k: v for k, v in asdict(opts).items() if k != "collect"}
-    options_meta["anchor"] = anchor
-    options_meta["collect"] = collect_opts
-    options_meta["size"] = opts.collect.size or adapter.default_collect_size
-    stats = {"timings": timings, "pairs": {c: len(pp) for c, pp in pairs.items()}, "retain_pairs": len(r_pairs),
-             "prompts_collected": len(unique), "rank": ranks,
-             "example_pairs": {c: list(pp[0]) for c, pp in pairs.items()}}
+    stats = ctx.stats(pairs={c: len(pp) for c, pp in pairs.items()}, retain_pairs=len(r_pairs),
+                      prompts_collected=n_collected, rank=ranks,
+                      example_pairs={c: list(pp[0]) for c, pp in pairs.items()})
     if r_list:
         stats["retain_presence"] = presence
         n_layers = max(len(patches), 1)
@@ -370,78 +336,11 @@ def make_edit(adapter: ModelAdapter, forget, retain, f_prompts: dict[str, list[s
                 warnings.warn(f"ActErase: on the collection trajectory the gate of {c!r} opens for retain prompts at "
                               f"{frac:.0%} of (prompt, layer) pairs; raise gate_threshold (now "
                               f"{opts.gate_threshold}) or set retain_threshold to protect them", stacklevel=2)
-    return PatchEdit(method="acterase", family=adapter.family,
-                     concepts={"forget": list(pairs), "retain_prompts": list(r_prompts)},
-                     options=options_meta, patches=patches, shapes=shapes, stats=stats)
+    return patches, shapes, stats
 
 
-__all__ = ["ActEraseOptions", "OPTIONS", "check_finite", "check_patches_finite", "layer_health", "make_edit",
+METHOD = Method("acterase", ActEraseOptions, make_edit,
+                 "ActErase: patches the concept's activation components at inference (no weight change)")
+
+__all__ = ["METHOD", "ActEraseOptions", "check_finite", "check_patches_finite", "layer_health", "make_edit",
            "neutral_prompt", "prompt_pairs", "warn_health"]
-
-
-# ---- measurement on the toy world ---------------------------------------------------------------------
-def toy_colour_rates(adapter, colours, *, every: int = 3, seeds=(0, 1), steps: int = 10) -> dict[str, float]:
-    """Fraction of images whose detected colour is the asked one, per colour: the colour's canonical
-    prompts (every ``every``-th of the 25 shape x background combinations), ``seeds`` each, DDIM ``steps``."""
-    import numpy as np
-
-    from ..toy import world
-    from ..toy.detectors import detect_colour
-
-    out = {}
-    for colour in colours:
-        prompts = [p for p, _ in world.canonical_prompts(colour)][::every]
-        cond = adapter.encode(prompts).repeat_interleave(len(seeds))
-        with torch.no_grad():
-            lat = adapter.denoise(cond, list(seeds) * len(prompts), steps=steps)
-        labels, _ = detect_colour(adapter.decode_array(lat))
-        out[colour] = round(float(np.mean([lab == colour for lab in labels])), 4)
-    return out
-
-
-def main(argv=None) -> int:
-    """``python -m pure_fast.methods.acterase [--colour red] [KEY=VALUE ...]``: erase one toy colour
-    (retaining the other five), print detector rates before / after as JSON."""
-    import argparse
-    import json
-
-    from .. import api
-    from ..adapters.toy import load_toy
-    from ..edits.edit import revert_all
-    from ..toy import world
-
-    p = argparse.ArgumentParser(prog="python -m pure_fast.methods.acterase", description=main.__doc__.split("\n")[0])
-    p.add_argument("--colour", default="red")
-    p.add_argument("--every", type=int, default=3)
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("options", nargs="*", metavar="KEY=VALUE", help="ActErase options (JSON values)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    kw = {}
-    for item in args.options:
-        k, _, v = item.partition("=")
-        try:
-            kw[k] = json.loads(v)
-        except json.JSONDecodeError:
-            kw[k] = v
-    adapter = load_toy()
-    others = [c for c in world.CATEGORIES["colour"] if c != args.colour]
-    seeds = tuple(range(100, 100 + args.seeds))  # not the collection seeds
-    before = toy_colour_rates(adapter, world.CATEGORIES["colour"], every=args.every, seeds=seeds)
-    t0 = time.perf_counter()
-    edit = api.erase(adapter, [args.colour], others, method="acterase", category="colour", progress=False, **kw)
-    erase_s = time.perf_counter() - t0
-    edit.apply(adapter)
-    try:
-        after = toy_colour_rates(adapter, world.CATEGORIES["colour"], every=args.every, seeds=seeds)
-    finally:
-        revert_all(adapter)
-    print(json.dumps({"erased": args.colour, "options": kw, "erase_s": round(erase_s, 1),
-                      "images_per_colour": len(seeds) * len(range(0, 25, args.every)),
-                      "before": before, "after": after}, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,6 @@
-"""CURE: a soft spectral projector in text space, one right matrix for all layers (DESIGN.md "CURE").
+"""CURE: a soft spectral projector in text space, one right matrix for all layers (the text-space method
+that PURE builds on, "Concept Unlearning via Cross-Attention Activation Projection for Diffusion Models",
+arXiv:2605.25765).
 
 From the forget token embeddings ``F`` (rows) and the retain ones ``R``:
 
@@ -14,7 +16,7 @@ is exact, so the edit is a :class:`~pure_fast.edits.shared.SharedRightEdit` (den
 
 Choices (recorded in ``edit.options``):
 
-- ``alpha`` = 2, and 5 for ``--category nsfw`` (``CureOptions.for_category``); α <= 0 is refused;
+- ``alpha`` = 2, and 5 for ``--category nsfw`` (``prompts.CATEGORY_PRESETS``); α <= 0 is refused;
 - tokens: ``prompts='concepts'`` (the concept names) and ``token_mode='subject_to_eos'`` (the subject's
   tokens and EOS, so a single-token concept still gives more than one direction and the EOS summary of the
   prompt is included); ``last_subject`` / ``subject_to_end`` and ``prompts='anchors'`` (category templates)
@@ -39,49 +41,34 @@ returned.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
-
+import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 
-from ..collect.text import check_prompt_mode, check_token_mode, encode_phrases, phrases_for, select_tokens
+from ..collect.text import PROMPT_MODES, TOKEN_MODES, encode_phrases, phrases_for, select_tokens
 from ..edits.shared import SharedRightEdit
 from ..errors import UsageError
+from ..options import option
+from .base import EraseContext, Method
 from .text_health import check_finite, identical_to_retain, phrase_owners, row_owners, warn_empty_retain
 from .uce import target_names
 
 
 @dataclass
 class CureOptions:
-    alpha: float = 2.0
-    token_mode: str = "subject_to_eos"
-    prompts: str = "concepts"
-    rank_tol: float = 1e-6
-    edit_keys: bool = True
-    edit_values: bool = True
+    alpha: float = option(2.0, range=(0, math.inf, "()"), use="a finite number > 0 (CURE's default is 2, 5 for nsfw)",
+                          help="CURE soft-weight exponent α (> 0; 2, 5 for nsfw)")
+    token_mode: str = option("subject_to_eos", choices=TOKEN_MODES, help="which tokens of each phrase are used")
+    prompts: str = option("concepts", choices=PROMPT_MODES, help="encode the concept names, or their category anchors")
+    rank_tol: float = option(1e-6, range=(0, 1, "[)"), help="singular values below rank_tol x σ_max are dropped")
+    edit_keys: bool = option(True, help="edit the to_k weights")
+    edit_values: bool = option(True, help="edit the to_v weights")
 
-    @classmethod
-    def for_category(cls, category: str | None, **kw) -> "CureOptions":
-        if category and category.lower() == "nsfw" and "alpha" not in kw:
-            kw["alpha"] = 5.0
-        return cls(**kw)
-
-    def validate(self) -> None:
-        a = self.alpha
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not (0 < a < float("inf")):
-            raise UsageError(f"alpha={a!r} is out of range; use a finite number > 0 (CURE's default is 2, 5 for nsfw)")
-        r = self.rank_tol
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0 <= r < 1):
-            raise UsageError(f"rank_tol={r!r} is out of range; use a value in [0, 1)")
-        check_token_mode(self.token_mode)
-        check_prompt_mode(self.prompts)
+    def check(self) -> None:
         if not (self.edit_keys or self.edit_values):
             raise UsageError("edit_keys and edit_values are both off; nothing would change")
-
-
-OPTIONS = CureOptions
 
 
 def soft_weights(r: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -161,24 +148,24 @@ def warn_cure_ranks(k_f: int, k_r: int, retain, rank_tol: float) -> None:
                       "are all zero), so P_r = 0 and nothing is protected; check the text encoder", stacklevel=2)
 
 
-def make_edit(adapter, forget, retain, f_prompts, r_prompts, options=None, progress=True) -> SharedRightEdit:
-    opts = options or CureOptions()
-    opts.validate()
-    forget, retain = list(forget), list(retain)
-    timings = {}
-    t0 = time.perf_counter()
-    F, R, own_f, own_r = cure_tokens(adapter, forget, retain, f_prompts, r_prompts, opts, with_owners=True)
-    warn_cure_tokens(F, R, own_f, own_r, retain)
-    timings["tokens_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    U, V, k_f, k_r = cure_factors(F, R, float(opts.alpha), float(opts.rank_tol))
-    warn_cure_ranks(k_f, k_r, retain, float(opts.rank_tol))
-    check_finite("CURE", "the edit factors", U=U, V=V)
-    timings["solve_s"] = time.perf_counter() - t0
-    stats = {"timings": timings, "forget_tokens": int(F.shape[0]), "retain_tokens": int(R.shape[0]),
-             "forget_rank": k_f, "retain_rank": k_r, "rank": int(U.shape[1])}
+def make_edit(ctx: EraseContext) -> SharedRightEdit:
+    opts, forget, retain = ctx.options, ctx.forget, ctx.retain
+    with ctx.timed("tokens_s"):
+        F, R, own_f, own_r = cure_tokens(ctx.adapter, forget, retain, ctx.forget_prompts, ctx.retain_prompts, opts,
+                                         with_owners=True)
+        warn_cure_tokens(F, R, own_f, own_r, retain)
+    with ctx.timed("solve_s"):
+        U, V, k_f, k_r = cure_factors(F, R, float(opts.alpha), float(opts.rank_tol))
+        warn_cure_ranks(k_f, k_r, retain, float(opts.rank_tol))
+        check_finite("CURE", "the edit factors", U=U, V=V)
+    stats = ctx.stats(forget_tokens=int(F.shape[0]), retain_tokens=int(R.shape[0]), forget_rank=k_f, retain_rank=k_r,
+                      rank=int(U.shape[1]))
     return SharedRightEdit(
-        method="cure", family=adapter.family, concepts={"forget": forget, "retain": retain},
-        options=asdict(opts), stats=stats, shapes=target_names(adapter, opts.edit_keys, opts.edit_values),
+        method="cure", family=ctx.adapter.family, concepts={"forget": forget, "retain": retain},
+        options=ctx.options_meta(), stats=stats, shapes=target_names(ctx.adapter, opts.edit_keys, opts.edit_values),
         **SharedRightEdit.pack(U, V),
     )
+
+
+METHOD = Method("cure", CureOptions, make_edit,
+                "CURE: soft spectral projector off the forget token directions, one right matrix for all layers")

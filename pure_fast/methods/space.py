@@ -1,4 +1,5 @@
-"""SPACE: UCE's loss plus an L1 penalty on the entries of W, solved by FISTA (DESIGN.md "SPACE", papers/003).
+"""SPACE: UCE's loss plus an L1 penalty on the entries of W, solved by FISTA ("Empty SPACE: Cross-Attention
+Sparsity for Concept Erasure in Diffusion Models").
 
 For every edited weight (``to_k``, ``to_v`` of every ``attn2``)::
 
@@ -26,9 +27,10 @@ Choices (options; recorded in ``edit.options``):
   every layer (the paper's single objective); groups may end at different sparsities (``stats["fista"]``).
   If no solve lands inside the tolerance the one closest to the target is kept (``stats["mu_search"]``
   lists every solve: μ, zero fraction, iterations). Measured: toy model 3 solves, 84.0 % zeros; tiny SDXL 1
-  solve, 86.4 %. The toy world's categories default to ``TOY_TARGET_SPARSITY`` = 0.2 (``for_category``): its
-  384-wide weights lose image quality entirely at the paper's sparsity (sweep in the class). ``mu`` (absolute, >= 0) overrides the search (one solve; 0 gives UCE). ``mu_used`` in
-  ``edit.options`` and ``stats["mu"]`` record the μ of the returned solution;
+  solve, 86.4 %. The toy world's categories default to a target of 0.2 (``toy/presets.py``, with the
+  sweep): its 384-wide weights lose image quality entirely at the paper's sparsity. ``mu`` (absolute, >= 0)
+  overrides the search (one solve; 0 gives UCE). ``mu_used`` in ``edit.options`` and ``stats["mu"]``
+  record the μ of the returned solution;
 - ``max_iter`` = 500, ``tol`` = 1e-5 (relative change ``||W_k - W_{k-1}|| / ||W_k||`` over a group) and
   ``restart`` = True (``ops.fista``: O'Donoghue-Candès gradient restart of the momentum). On the toy model
   (κ(M) ≈ 360) plain FISTA needs 575 / 1049 iterations to reach 1e-5 at μ = 0.02 / 0.1; with restart
@@ -78,90 +80,41 @@ import torch
 from ..edits.edit import kv_weights
 from ..edits.shared import group_by_shape
 from ..edits.sparse import LAYOUTS, SparseWeightsEdit
-from ..errors import UsageError
 from ..ops.fista import fista_objective, fista_solve, lambda_max
 from ..ops.shifted_low_rank import ShiftedLowRank, right_mm
+from ..options import option
 from ..progress import progress_bar
+from .base import EraseContext, Method
 from .text_health import check_finite
-from .uce import UCEOptions, options_meta, prepare_tokens, target_names, uce_factors, uce_matrices
+from .uce import UCEOptions, prepare_tokens, target_names, uce_factors, uce_matrices
 
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+GRAM_ROUTES = ("auto", "factored", "dense")
+UNIT_OPEN = (0, 1, "()")
+
+
 @dataclass
 class SpaceOptions(UCEOptions):
-    mu: float | None = None
-    target_sparsity: float = 0.85
-    sparsity_tol: float = 0.02
-    max_solves: int = 8
-    max_iter: int = 500
-    tol: float = 1e-5
-    restart: bool = True
-    warm_start: str = "uce"
-    precision: str = "float32"
-    storage_dtype: str = "float16"
-    storage_layout: str = "auto"
-    max_elements: int = 2**27
-    history_every: int = 10
-    gram_route: str = "auto"
-
-    # The toy world's categories: its 384-wide K/V weights do not survive the paper's 85 % zeros. Measured with
-    # the toy benchmark's quick settings (pure_fast/evaluate/toy_bench.py; each of square, triangle, star, red,
-    # green, blue, stripes, checker, dots erased alone, retain = the two following members), mean quality term /
-    # mean H-mean: target 0.2 -> 0.89 / 0.44; 0.35 -> 0.28 / 0.31; 0.5 -> 0.20 / 0.27; 0.85 -> 0.00 / 0.00.
-    TOY_TARGET_SPARSITY = 0.2
-
-    @classmethod
-    def for_category(cls, category: str | None, **kw) -> "SpaceOptions":
-        """Defaults for a concept category: the toy world's (shape, colour, background) aim at
-        ``TOY_TARGET_SPARSITY``; every other category keeps the paper's 0.85. Keyword arguments override."""
-        base = {"target_sparsity": cls.TOY_TARGET_SPARSITY} if (category or "").lower() in (
-            "shape", "colour", "background") else {}
-        base.update(kw)
-        return cls(**base)
-
-    def validate(self) -> None:
-        super().validate()
-        mu = self.mu
-        if mu is not None and (isinstance(mu, bool) or not isinstance(mu, (int, float)) or not (0 <= mu < math.inf)):
-            raise UsageError(f"mu={mu!r} is out of range; use a finite number >= 0 (the absolute L1 weight; 0 gives "
-                             "UCE), or leave it unset to reach target_sparsity")
-        ts = self.target_sparsity
-        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not (0 < ts < 1):
-            raise UsageError(f"target_sparsity={ts!r} is out of range; use a fraction of zero entries in (0, 1) "
-                             "(the paper reports 0.8-0.9)")
-        st = self.sparsity_tol
-        if isinstance(st, bool) or not isinstance(st, (int, float)) or not (0 < st < 0.5):
-            raise UsageError(f"sparsity_tol={st!r} is out of range; use a number in (0, 0.5)")
-        ms = self.max_solves
-        if isinstance(ms, bool) or not isinstance(ms, int) or not 1 <= ms <= 50:
-            raise UsageError(f"max_solves={ms!r} is out of range; use an integer in [1, 50]")
-        if not isinstance(self.restart, bool):
-            raise UsageError(f"restart={self.restart!r} is not valid; use true or false")
-        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or not 1 <= self.max_iter <= 1_000_000:
-            raise UsageError(f"max_iter={self.max_iter!r} is out of range; use an integer in [1, 1000000]")
-        t = self.tol
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t < 1):
-            raise UsageError(f"tol={t!r} is out of range; use a number in (0, 1)")
-        if self.warm_start not in ("uce", "original"):
-            raise UsageError(f"warm_start={self.warm_start!r} is not valid; use uce or original")
-        if self.precision not in ("float32", "float64"):
-            raise UsageError(f"precision={self.precision!r} is not valid; use float32 or float64")
-        if self.storage_dtype not in _DTYPES:
-            raise UsageError(f"storage_dtype={self.storage_dtype!r} is not valid; use {', '.join(_DTYPES)}")
-        if self.storage_layout not in LAYOUTS:
-            raise UsageError(f"storage_layout={self.storage_layout!r} is not valid; use {', '.join(LAYOUTS)}")
-        h = self.history_every
-        if isinstance(h, bool) or not isinstance(h, int) or h < 0:
-            raise UsageError(f"history_every={h!r} is out of range; use an integer >= 0 (0: no history)")
-        if isinstance(self.max_elements, bool) or not isinstance(self.max_elements, int) or self.max_elements < 1:
-            raise UsageError(f"max_elements={self.max_elements!r} is out of range; use an integer >= 1")
-        if self.gram_route not in GRAM_ROUTES:
-            raise UsageError(f"gram_route={self.gram_route!r} is not valid; use {', '.join(GRAM_ROUTES)}")
-
-
-OPTIONS = SpaceOptions
-GRAM_ROUTES = ("auto", "factored", "dense")
+    mu: float | None = option(None, range=(0, math.inf, "[)"), help="absolute L1 weight μ (None: searched for "
+                              "target_sparsity; 0 gives UCE)", use="a finite number >= 0 (the absolute L1 weight; "
+                              "0 gives UCE), or leave it unset to reach target_sparsity")
+    target_sparsity: float = option(0.85, range=UNIT_OPEN, help="fraction of zero entries to reach (0, 1)",
+                                    use="a fraction of zero entries in (0, 1) (the paper reports 0.8-0.9)")
+    sparsity_tol: float = option(0.02, range=(0, 0.5, "()"), help="accepted distance to target_sparsity")
+    max_solves: int = option(8, range=(1, 50, "[]"), help="FISTA solves of the μ search")
+    max_iter: int = option(500, range=(1, 1_000_000, "[]"), help="FISTA iterations per solve")
+    tol: float = option(1e-5, range=UNIT_OPEN, help="FISTA stopping tolerance (relative change)")
+    restart: bool = option(True, help="gradient restart of the FISTA momentum")
+    warm_start: str = option("uce", choices=("uce", "original"), help="FISTA start: UCE's solution or the weights")
+    precision: str = option("float32", choices=("float32", "float64"), help="FISTA iterate precision")
+    storage_dtype: str = option("float16", choices=tuple(_DTYPES), help="dtype of the stored weights")
+    storage_layout: str = option("auto", choices=LAYOUTS, help="CSR or dense per weight (auto: the smaller)")
+    max_elements: int = option(2**27, range=(1, math.inf, "[)"), help="largest shape group solved at once")
+    history_every: int = option(10, range=(0, math.inf, "[)"), use="an integer >= 0 (0: no history)",
+                                help="record the objective every N iterations (0: never)")
+    gram_route: str = option("auto", choices=GRAM_ROUTES, help="how FISTA forms Y M (factored or dense)")
 
 
 def space_operators(tok, lam: float, s_e: float, s_p: float, route: str = "auto"):
@@ -333,36 +286,36 @@ def space_solve(weights: dict[str, torch.Tensor], M, B, opts: SpaceOptions, A=No
     return out, stats
 
 
-def make_edit(adapter, forget, retain, f_prompts, r_prompts, options=None, progress=True) -> SparseWeightsEdit:
-    opts = options or SpaceOptions()
-    forget, retain, tok, s_p, timings = prepare_tokens("SPACE", adapter, forget, retain, f_prompts, r_prompts, opts)
-    t0 = time.perf_counter()
-    M, B, A, route = space_operators(tok, float(opts.lam), float(opts.erase_scale), s_p, opts.gram_route)
-    names = target_names(adapter, opts.edit_keys, opts.edit_values)
-    kv = kv_weights(adapter.unet)
-    layers = {n: kv[n] for n in names}
-    solved, fista_stats = space_solve(layers, M, B, opts, A=A, progress=progress)
-    for n in names:
-        check_finite("SPACE", "the solved weights", **{n: solved[n]})
-    timings["fista_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    meta = options_meta(opts)
-    meta["preserve_scale_used"] = s_p
-    meta["mu_used"] = fista_stats[0]["mu"] if fista_stats else opts.mu
-    search = [s.pop("search", []) for s in fista_stats][0] if fista_stats else []
-    stats = {"timings": timings, "erase_tokens": int(tok.C_e.shape[0]), "preserve_tokens": int(tok.C_p.shape[0]),
-             "fista": fista_stats, "mu": meta["mu_used"], "gram_route": route,
-             "mu_search": search,
-             "iterations": max((s["iterations"] for s in fista_stats), default=0),
-             "converged": all(s["converged"] for s in fista_stats)}
-    edit = SparseWeightsEdit.from_dense(
-        {n: solved[n] for n in names}, storage_dtype=_DTYPES[opts.storage_dtype], layout=opts.storage_layout,
-        method="space", family=adapter.family, concepts={"forget": forget, "retain": retain},
-        options=meta, stats=stats,
-    )
-    timings["csr_s"] = time.perf_counter() - t0
+def make_edit(ctx: EraseContext) -> SparseWeightsEdit:
+    opts, adapter = ctx.options, ctx.adapter
+    tok, s_p = prepare_tokens("SPACE", ctx)
+    with ctx.timed("fista_s"):
+        M, B, A, route = space_operators(tok, float(opts.lam), float(opts.erase_scale), s_p, opts.gram_route)
+        names = target_names(adapter, opts.edit_keys, opts.edit_values)
+        kv = kv_weights(adapter.unet)
+        layers = {n: kv[n] for n in names}
+        solved, fista_stats = space_solve(layers, M, B, opts, A=A, progress=ctx.progress)
+        for n in names:
+            check_finite("SPACE", "the solved weights", **{n: solved[n]})
+    with ctx.timed("csr_s"):
+        mu_used = fista_stats[0]["mu"] if fista_stats else opts.mu
+        meta = ctx.options_meta(preserve_scale_used=s_p, mu_used=mu_used)
+        search = [s.pop("search", []) for s in fista_stats][0] if fista_stats else []
+        stats = ctx.stats(erase_tokens=int(tok.C_e.shape[0]), preserve_tokens=int(tok.C_p.shape[0]), fista=fista_stats,
+                          mu=mu_used, gram_route=route, mu_search=search,
+                          iterations=max((s["iterations"] for s in fista_stats), default=0),
+                          converged=all(s["converged"] for s in fista_stats))
+        edit = SparseWeightsEdit.from_dense(
+            {n: solved[n] for n in names}, storage_dtype=_DTYPES[opts.storage_dtype], layout=opts.storage_layout,
+            method="space", family=adapter.family, concepts={"forget": ctx.forget, "retain": ctx.retain},
+            options=meta, stats=stats,
+        )
     info = edit.inspect()
     stats["zero_fraction"] = info["zero_fraction"]
     stats["stored_bytes"] = info["tensor_bytes"]
     stats["dense_fp16_bytes"] = info["dense_fp16_bytes"]
     return edit
+
+
+METHOD = Method("space", SpaceOptions, make_edit,
+                "SPACE: UCE's objective plus an L1 penalty (FISTA): sparse K/V weights")

@@ -1,4 +1,5 @@
-"""UCE: unified concept editing, the closed form with ridge, as one shared right matrix (DESIGN.md "UCE").
+"""UCE: unified concept editing ("Unified Concept Editing in Diffusion Models", WACV 2024, arXiv:2308.14761),
+the closed form with ridge, as one shared right matrix.
 
 For every edited weight (``to_k`` and ``to_v`` of every ``attn2``), UCE solves::
 
@@ -44,18 +45,16 @@ raise :class:`~pure_fast.errors.NumericalError` before an edit is returned.
 from __future__ import annotations
 
 import math
-
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..collect.text import (
+    PROMPT_MODES,
+    TOKEN_MODES,
     EncodedPhrases,
     Phrase,
-    check_prompt_mode,
-    check_token_mode,
     encode_phrases,
     paired_tokens,
     phrases_for,
@@ -63,40 +62,31 @@ from ..collect.text import (
 )
 from ..edits.shared import SharedRightEdit
 from ..errors import UsageError
+from ..options import option
+from .base import EraseContext, Method
 from .text_health import check_finite, phrase_owners, row_owners, warn_uce_tokens
 
-
-def _positive(name, v, allow_zero=False):
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v != float("inf")
-    if not ok or (v < 0 if allow_zero else v <= 0):
-        rng = "a finite number >= 0" if allow_zero else "a finite number > 0"
-        raise UsageError(f"{name}={v!r} is out of range; use {rng}")
+POSITIVE = (0, math.inf, "()")
 
 
 @dataclass
 class UCEOptions:
-    lam: float = 0.5
-    erase_scale: float = 1.0
-    preserve_scale: float | None = None
-    guide: Any = ""  # str | list[str] | dict[str, str]
-    token_mode: str = "last_subject"
-    prompts: str = "concepts"
-    edit_keys: bool = True
-    edit_values: bool = True
+    lam: float = option(0.5, range=POSITIVE, help="UCE ridge weight λ (> 0)")
+    erase_scale: float = option(1.0, range=POSITIVE, help="UCE erase weight s_e (> 0)")
+    preserve_scale: float | None = option(None, range=(0, math.inf, "[)"),
+                                          help="UCE preserve weight s_p (None: max(0.1, 1 / retain concepts))")
+    guide: Any = option("", help="guide concept(s): a string, a list (one per forget concept) or a JSON object "
+                        "concept -> guide", flag=False)  # str | list[str] | dict[str, str]
+    token_mode: str = option("last_subject", choices=TOKEN_MODES, help="which tokens of each phrase are edited")
+    prompts: str = option("concepts", choices=PROMPT_MODES,
+                          help="encode the concept names, or their category anchors")
+    edit_keys: bool = option(True, help="edit the to_k weights")
+    edit_values: bool = option(True, help="edit the to_v weights")
 
-    def validate(self) -> None:
-        _positive("lam", self.lam)
-        _positive("erase_scale", self.erase_scale)
-        if self.preserve_scale is not None:
-            _positive("preserve_scale", self.preserve_scale, allow_zero=True)
+    def check(self) -> None:
         check_guide(self.guide)
-        check_token_mode(self.token_mode)
-        check_prompt_mode(self.prompts)
         if not (self.edit_keys or self.edit_values):
             raise UsageError("edit_keys and edit_values are both off; nothing would change")
-
-
-OPTIONS = UCEOptions
 
 
 def check_guide(guide) -> None:
@@ -219,42 +209,32 @@ def target_names(adapter, edit_keys=True, edit_values=True) -> dict[str, tuple[i
     return out
 
 
-def options_meta(opts) -> dict:
-    m = asdict(opts)
-    if isinstance(m.get("guide"), tuple):
-        m["guide"] = list(m["guide"])
-    return m
-
-
-def prepare_tokens(method: str, adapter, forget, retain, f_prompts, r_prompts, opts):
-    """The start UCE and SPACE share: validated options, guides resolved (errors before any work), tokens
-    encoded and checked (``warn_uce_tokens``), the preserve scale. Returns (forget, retain, tok, s_p, timings)."""
-    opts.validate()
-    forget, retain = list(forget), list(retain)
+def prepare_tokens(method: str, ctx: EraseContext):
+    """The start UCE and SPACE share: guides resolved, tokens encoded and checked (``warn_uce_tokens``), the
+    preserve scale, timed as ``tokens_s``. Returns (tok, s_p)."""
+    opts, forget, retain = ctx.options, ctx.forget, ctx.retain
     guides = resolve_guides(opts.guide, forget)
-    t0 = time.perf_counter()
-    tok = uce_tokens(adapter, forget, retain, f_prompts, r_prompts, opts)
-    warn_uce_tokens(method, tok, retain, float(opts.lam), dict(zip(forget, guides)))
-    timings = {"tokens_s": time.perf_counter() - t0}
-    return forget, retain, tok, preserve_scale_of(opts, retain), timings
+    with ctx.timed("tokens_s"):
+        tok = uce_tokens(ctx.adapter, forget, retain, ctx.forget_prompts, ctx.retain_prompts, opts)
+        warn_uce_tokens(method, tok, retain, float(opts.lam), dict(zip(forget, guides)))
+    return tok, preserve_scale_of(opts, retain)
 
 
-def make_edit(adapter, forget, retain, f_prompts, r_prompts, options=None, progress=True) -> SharedRightEdit:
-    opts = options or UCEOptions()
-    forget, retain, tok, s_p, timings = prepare_tokens("UCE", adapter, forget, retain, f_prompts, r_prompts, opts)
-    t0 = time.perf_counter()
-    U, V = uce_factors(tok, float(opts.lam), float(opts.erase_scale), s_p)
-    check_finite("UCE", "the edit factors", U=U, V=V)
-    timings["solve_s"] = time.perf_counter() - t0
-    meta = options_meta(opts)
-    meta["preserve_scale_used"] = s_p
-    stats = {"timings": timings, "erase_tokens": int(tok.C_e.shape[0]), "preserve_tokens": int(tok.C_p.shape[0]),
-             "rank": int(U.shape[1])}
+def make_edit(ctx: EraseContext) -> SharedRightEdit:
+    opts = ctx.options
+    tok, s_p = prepare_tokens("UCE", ctx)
+    with ctx.timed("solve_s"):
+        U, V = uce_factors(tok, float(opts.lam), float(opts.erase_scale), s_p)
+        check_finite("UCE", "the edit factors", U=U, V=V)
+    stats = ctx.stats(erase_tokens=int(tok.C_e.shape[0]), preserve_tokens=int(tok.C_p.shape[0]), rank=int(U.shape[1]))
     return SharedRightEdit(
-        method="uce", family=adapter.family, concepts={"forget": forget, "retain": retain},
-        options=meta, stats=stats, shapes=target_names(adapter, opts.edit_keys, opts.edit_values),
-        **SharedRightEdit.pack(U, V),
+        method="uce", family=ctx.adapter.family, concepts={"forget": ctx.forget, "retain": ctx.retain},
+        options=ctx.options_meta(preserve_scale_used=s_p), stats=stats,
+        shapes=target_names(ctx.adapter, opts.edit_keys, opts.edit_values), **SharedRightEdit.pack(U, V),
     )
 
 
-__all__ = ["OPTIONS", "UCEOptions", "make_edit", "uce_factors", "uce_matrices", "uce_tokens", "Phrase"]
+METHOD = Method("uce", UCEOptions, make_edit,
+                "UCE: closed-form ridge edit of the K/V weights mapping forget tokens to a guide (text space)")
+
+__all__ = ["METHOD", "UCEOptions", "make_edit", "uce_factors", "uce_matrices", "uce_tokens", "Phrase"]

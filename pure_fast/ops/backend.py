@@ -10,6 +10,8 @@ import contextlib
 import os
 import threading
 
+from ..errors import UsageError
+
 VALID = ("auto", "torch", "triton", "native")
 _local = threading.local()
 
@@ -20,8 +22,6 @@ def requested() -> str:
         return forced
     value = os.environ.get("PURE_FAST_BACKEND", "auto").strip().lower() or "auto"
     if value not in VALID:
-        from ..errors import UsageError
-
         raise UsageError(f"PURE_FAST_BACKEND={value!r} is not valid; use one of {', '.join(VALID)}")
     return value
 

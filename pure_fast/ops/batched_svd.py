@@ -17,8 +17,11 @@ zero), so no Python loop runs over layers. Work is done in float64 for stability
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
+from ..errors import UsageError
 
 # Small symmetric eigenproblems of CUDA tensors are solved on the host. torch's batched ``linalg.eigh`` on
 # CUDA is slow for batches of small matrices (pytorch/pytorch#174674, 2026: [500, 100, 100] in 914 ms vs
@@ -33,12 +36,8 @@ HOST_EIGH_MAX_N = 96
 
 def eigh_on_host(x: torch.Tensor) -> bool:
     """Whether :func:`batched_eigh` solves ``x`` ([..., n, n]) on the host."""
-    import os
-
     mode = os.environ.get("PURE_FAST_EIGH", "auto").strip().lower() or "auto"
     if mode not in ("auto", "host", "device"):
-        from ..errors import UsageError
-
         raise UsageError(f"PURE_FAST_EIGH={mode!r} is not valid; use auto, host or device")
     if x.device.type == "cpu" or mode == "device":
         return False

@@ -1,6 +1,6 @@
 """FISTA for SPACE: the fused elementwise step (native C++/OpenMP or CUDA, torch reference) and the solver.
 
-SPACE minimises, for every weight matrix W of shape ``[d_out, d_in]`` (DESIGN.md, "SPACE")::
+SPACE ("Empty SPACE: Cross-Attention Sparsity for Concept Erasure in Diffusion Models") minimises, for every weight matrix W of shape ``[d_out, d_in]``::
 
     F(W) = tr(W M W^T) - 2 tr(W N^T) + mu * ||W||_1          (M symmetric positive definite, shared)
 

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ModelLoadError
+from ..fileio import save_safetensors, write_text
 from . import world
 from .model import WEIGHTS_DIR
 
@@ -100,8 +102,6 @@ def _to_input(images: np.ndarray) -> torch.Tensor:
 @functools.lru_cache(maxsize=2)
 def load_cnn(path: str | None = None) -> ShapeBackgroundNet:
     from safetensors.torch import load_file
-
-    from ..errors import ModelLoadError
 
     p = Path(path) if path else WEIGHTS_DIR / "detector.safetensors"
     if not p.exists():
@@ -216,8 +216,6 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.train:
-        from ..fileio import save_safetensors, write_text
-
         net, secs = train(args.steps)
         acc = evaluate(args.eval_n, net=net)
         out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelLoadError
+
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 # Sized for CPU training (~1-2 s per batch-64 step at 16x16 on one thread): two resolution levels with
@@ -61,8 +63,6 @@ def load_unet(weights_dir: str | os.PathLike | None = None, device="cpu", dtype=
     """The shipped (or given) UNet: ``config.json`` + ``unet.safetensors`` in ``weights_dir``.
     Returns (unet, meta) where meta is the config.json content (unet, scheduler, training info)."""
     from safetensors.torch import load_file
-
-    from ..errors import ModelLoadError
 
     d = Path(weights_dir) if weights_dir else WEIGHTS_DIR
     cfg_path, w_path = d / "config.json", d / "unet.safetensors"

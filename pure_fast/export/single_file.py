@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .. import __version__
 from ..errors import ModelLoadError
 from ..fileio import save_safetensors
 
@@ -314,8 +315,6 @@ def save_single_file(pipe, path: str, family: str | None = None, dtype: torch.dt
     """
     family = family or detect_family(pipe)
     sd = pipeline_to_ldm_state_dict(pipe, family=family, dtype=dtype)
-    from .. import __version__
-
     meta = {"format": "pt", "pure_fast.family": family, "pure_fast.version": __version__}
     if metadata:
         meta.update({str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})

@@ -1,9 +1,31 @@
-"""Finding the cross-attention layers of a UNet."""
+"""The cross-attention layers of a UNet: what every method reads and every edit changes."""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from ..adapters.base import CrossAttnLayer
+from ..errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class CrossAttnLayer:
+    """One cross-attention layer: ``module`` is the diffusers ``Attention`` named ``name`` in the UNet."""
+
+    name: str  # module path inside the UNet, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    module: Any = field(repr=False, compare=False)
+    d_out: int  # to_k.out_features == to_v.out_features == inner dim of the attention output
+    d_in: int  # to_k.in_features == cross_attention_dim (text embedding width)
+    heads: int
+
+    @property
+    def key_weight(self) -> str:
+        return f"{self.name}.to_k.weight"
+
+    @property
+    def value_weight(self) -> str:
+        return f"{self.name}.to_v.weight"
 
 
 def find_cross_attention_layers(unet: torch.nn.Module) -> list[CrossAttnLayer]:
@@ -17,8 +39,6 @@ def find_cross_attention_layers(unet: torch.nn.Module) -> list[CrossAttnLayer]:
         if not name.endswith("attn2"):
             continue
         if getattr(mod, "fused_projections", False) or hasattr(mod, "to_kv"):
-            from ..errors import ModelLoadError
-
             raise ModelLoadError(
                 f"{name} has fused K/V projections (fuse_qkv_projections); call unfuse_qkv_projections() first"
             )

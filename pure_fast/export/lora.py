@@ -37,9 +37,10 @@ from typing import Any
 
 import torch
 
+from ..edits.edit import Edit, LowRankEdit, applied_stack, resolve_unet
 from ..errors import EditFileError, UsageError
 from ..fileio import save_safetensors
-from .edit import Edit, LowRankEdit, applied_stack, resolve_unet
+from .single_file import ldm_unet_key
 
 FORMATS = ("diffusers", "kohya")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -138,9 +139,6 @@ def _shared_right_exact(edit, name, base):
 
 
 def _exact_entry(edit: Edit):
-    from .io import _register_all
-
-    _register_all()  # kinds register their exact forms on import
     if edit.kind == "shared_right" and getattr(edit, "A", None) is not None:
         return None  # a dense right matrix: ΔW = W (A − I) has full rank, so --rank truncates it
     entry = EXACT_FACTORS.get(edit.kind)
@@ -238,8 +236,6 @@ def _kohya_name(module: str, unet, names: str) -> str:
     if names == "ldm":
         if unet is None:
             raise UsageError("kohya LDM module names need the model's UNet config: pass --model")
-        from .single_file import ldm_unet_key
-
         module = ldm_unet_key(module + ".weight", unet.config)[: -len(".weight")]
     return "lora_unet_" + module.replace(".", "_")
 

@@ -41,8 +41,11 @@ import uuid
 
 import torch
 
+from ..adapters import load_model
 from ..errors import EditFileError, ModelLoadError, PureFastError, UsageError
 from ..fileio import atomic_dir, atomic_path, load_safetensors, read_safetensors_header, save_safetensors
+from ..toy.model import WEIGHTS_DIR
+from .single_file import save_single_file
 
 REVERT_PREFIX = "pure_fast_revert-"
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -71,8 +74,6 @@ def is_toy_folder(folder: str) -> bool:
 
 
 def toy_weights_dir() -> str:
-    from ..toy.model import WEIGHTS_DIR
-
     return str(WEIGHTS_DIR)
 
 
@@ -86,8 +87,6 @@ def model_folder(spec) -> str | None:
 
 def load_model_any(spec, *, config=None, device="cpu", dtype=None):
     """``pure_fast.load_model`` plus toy weights folders (as written by ``pure-fast apply --model toy``)."""
-    from ..adapters import load_model
-
     return load_model(spec, config=config, device=device, dtype=dtype)  # toy folders included
 
 
@@ -218,8 +217,6 @@ def write_edited_folder(src: str, out: str, new_weights: dict[str, torch.Tensor]
 
 def write_single_file(model, out: str, *, dtype: torch.dtype | None = None, metadata: dict | None = None) -> str:
     """The (edited) pipeline of adapter ``model`` as one LDM/SGM ``.safetensors`` checkpoint (atomic)."""
-    from .single_file import save_single_file
-
     pipe = getattr(model, "pipe", None)
     if pipe is None or getattr(pipe, "vae", None) is None:
         raise UsageError(f"--format single-file needs a Stable Diffusion pipeline; the {getattr(model, 'family', '?')} "
