@@ -44,9 +44,13 @@ def run_tiny_demo(args) -> int:
         import shutil
 
         shutil.rmtree(out)  # the demo owns its output folder
-    print("demo: tiny random SD1-like pipeline (no pretrained weights here); erasing 'Van Gogh' with PURE")
+    from .testing import has_clip_vocabulary
+
+    vocabulary = "clip" if has_clip_vocabulary() else "bytes"
+    tokens = "CLIP BPE tokens" if vocabulary == "clip" else "byte tokens (open-clip-torch, the CLIP BPE, is not installed)"
+    print(f"demo: tiny random SD1-like pipeline (no pretrained weights here, {tokens}); erasing 'Van Gogh' with PURE")
     t0 = time.perf_counter()
-    ad = wrap_pipeline(build_tiny_pipeline("sd1"))
+    ad = wrap_pipeline(build_tiny_pipeline("sd1", vocabulary=vocabulary))
     forget, retain = ["Van Gogh"], ["Claude Monet", "Pablo Picasso"]
     opts = dict(size=32, seeds=(0,), steps=6, record_steps=3)
     edit = api.erase(ad, forget, retain, category="style", progress=not args.quiet, **opts)
@@ -64,7 +68,7 @@ def run_tiny_demo(args) -> int:
     with atomic_dir(out) as tmp:
         edit.save(os.path.join(tmp, "edit.safetensors"))
         rows = [before[i] + after[i] for i in range(len(prompts))]
-        grid(rows, [f"{i}" for i in range(len(prompts))], ["before"] * 2 + ["after"] * 2, split_after=2).save(
+        grid(rows, prompts, ["before"] * 2 + ["after"] * 2, split_after=2).save(
             os.path.join(tmp, "before_after.png"))
         summary = {"model": "tiny-random-sd1", "forget": forget, "retain": retain, "prompts": prompts,
                    "forget_signal_kept": effect["forget_energy_kept"], "retain_change": effect["retain_change"],

