@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NATIVE_STAMP := $(VENV)/.native
 
-.PHONY: demo test test-slow test-all native bench bench-gpu gpu-carry fuzz clean
+.PHONY: demo test test-slow test-all lint native bench bench-gpu gpu-carry fuzz clean
 
 $(STAMP): requirements-dev.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ native: $(NATIVE_STAMP)
 demo: $(NATIVE_STAMP)
 	$(VENV)/bin/pure-fast demo --out-dir demo_out
 
+# extra pytest arguments, e.g. make test PYTEST_ARGS="--runslow --durations=20" (what .ci/run does)
+PYTEST_ARGS ?=
 test: $(NATIVE_STAMP)
-	$(PY) -m pytest -x tests
+	$(PY) -m pytest -x tests $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pure_fast tests bench
 
 test-slow: $(NATIVE_STAMP)
 	$(PY) -m pytest -x tests --runslow
