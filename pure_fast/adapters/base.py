@@ -112,6 +112,12 @@ class ModelAdapter:
         """The word pieces of a prompt (no special tokens), for token-substitution attacks."""
         raise NotImplementedError
 
+    max_prompt_tokens: int | None = None  # the text encoder's window; longer prompts are cut
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """How many tokens ``prompt`` has, special tokens included, before any truncation."""
+        raise NotImplementedError
+
     # ---- layers -----------------------------------------------------------------------------------
     def cross_attention_layers(self) -> list[CrossAttnLayer]:
         return find_cross_attention_layers(self.unet)
@@ -198,19 +204,23 @@ class ModelAdapter:
         scheduler: str | None = None,
         batch_size: int = 4,
         progress: bool = True,
+        desc: str = "generate",
     ) -> list[list[Any]]:
-        """Images[i][j] for prompt i and seed j (PIL). Same seeds -> same noise, with or without an edit."""
+        """Images[i][j] for prompt i and seed j (PIL). Same seeds -> same noise, with or without an edit.
+
+        The progress bar counts denoising steps (UNet calls of every batch), the work that takes the time."""
         pairs = [(i, j) for i in range(len(prompts)) for j in range(len(seeds))]
         images: list[list[Any]] = [[None] * len(seeds) for _ in prompts]
-        with torch.no_grad(), progress_bar(total=len(pairs), desc="generate", enabled=progress) as bar:
+        n_batches = -(-len(pairs) // batch_size)
+        with torch.no_grad(), progress_bar(total=n_batches * steps, desc=desc, enabled=progress,
+                                           unit="step") as bar:
             for start in range(0, len(pairs), batch_size):
                 chunk = pairs[start : start + batch_size]
                 cond = self.encode([prompts[i] for i, _ in chunk])
                 lat = self.denoise(
                     cond, [seeds[j] for _, j in chunk], steps=steps, size=size,
-                    guidance_scale=guidance_scale, scheduler=scheduler,
+                    guidance_scale=guidance_scale, scheduler=scheduler, on_step=lambda i, t: bar.update(1),
                 )
                 for (i, j), img in zip(chunk, self.decode(lat)):
                     images[i][j] = img
-                bar.update(len(chunk))
         return images

@@ -15,13 +15,26 @@ from .base import Conditioning, ModelAdapter, TokenEmbeddings
 
 class SDAdapter(ModelAdapter):
     family = "sd1"
-    default_size = 512
-    default_collect_size = 256
     default_guidance = 7.5
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        """The pipeline's own default resolution: UNet ``sample_size`` x VAE scale factor (SD1.5 512,
+        SD2 768, SD2-base 512, SDXL 1024), read from the model's config rather than assumed per family."""
+        sample = self.unet.config.sample_size
+        sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+        return int(sample) * self.vae_scale_factor
+
+    @property
+    def default_collect_size(self) -> int:
+        """Half the native resolution (activations are spatial means: half the side keeps them at a quarter
+        of the cost), rounded down to a latent size every UNet level can halve; SD1.5 256, SD2 384, SDXL 512."""
+        step = self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+        return max(step, (self.default_size // 2) // step * step)
 
     def latent_shape(self, size: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor
@@ -51,6 +64,13 @@ class SDAdapter(ModelAdapter):
     def tokenize(self, prompt: str) -> list[str]:
         return self.pipe.tokenizer.tokenize(prompt)
 
+    @property
+    def max_prompt_tokens(self) -> int:
+        return int(self.pipe.tokenizer.model_max_length)
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self.pipe.tokenizer(prompt, truncation=False).input_ids)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor):
         vae = self.pipe.vae
@@ -67,5 +87,3 @@ class SDAdapter(ModelAdapter):
 
 class SD2Adapter(SDAdapter):
     family = "sd2"
-    default_size = 768
-    default_collect_size = 384

@@ -17,8 +17,6 @@ from .sd import SDAdapter
 
 class SDXLAdapter(SDAdapter):
     family = "sdxl"
-    default_size = 1024
-    default_collect_size = 512
     default_guidance = 5.0
 
     @torch.no_grad()

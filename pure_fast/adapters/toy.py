@@ -57,6 +57,13 @@ class ToyAdapter(ModelAdapter):
 
         return wordpieces(prompt)
 
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.max_tokens
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self.tokenize(prompt)) + 2  # [CLS] ... [SEP]
+
     # ---- sampling ---------------------------------------------------------------------------------
     def latent_shape(self, size: int) -> tuple[int, int, int]:
         return (3, size, size)
@@ -85,7 +92,10 @@ def load_toy(device="cpu", dtype=torch.float32, weights_dir: str | Path | None =
     from ..toy.model import load_unet, sample_scheduler
     from ..toy.text import model_dir
 
+    from ..progress import quiet_third_party
+
     model_dir()  # fail early, with the install hint, if MiniLM is missing
+    quiet_third_party()  # diffusers' "should be kept in float32: []", transformers' "Loading weights" bars
     unet, meta = load_unet(weights_dir, device=device, dtype=dtype)
     sched = sample_scheduler(meta.get("scheduler"))
     adapter = ToyAdapter(ToyPipe(unet=unet, scheduler=sched, config=meta), unet, device=device, dtype=dtype)

@@ -250,11 +250,14 @@ def collect_activations(
     size = opts.size or adapter.default_collect_size
     n_steps = opts.steps if opts.record_steps is None else opts.record_steps
 
-    def on_step(i, t):
-        recorder.active = True
-
+    n_batches = -(-len(samples) // opts.batch_size)
     with torch.no_grad(), installed_processors(layers, lambda i, l: PooledCrossAttnProcessor(i, recorder)), \
-            progress_bar(total=len(samples), desc="collect", enabled=progress) as bar:
+            progress_bar(total=n_batches * n_steps, desc="collect", enabled=progress, unit="step") as bar:
+
+        def on_step(i, t):  # before each UNet call: the bar counts denoising steps
+            recorder.active = True
+            bar.update(1)
+
         for start in range(0, len(samples), opts.batch_size):
             chunk = samples[start : start + opts.batch_size]
             unique_prompts = list(dict.fromkeys(p for _, p, _ in chunk))
@@ -268,7 +271,6 @@ def collect_activations(
                 scheduler=opts.scheduler, max_steps=n_steps, on_step=on_step,
             )
             recorder.active = False
-            bar.update(len(chunk))
     # groups with no prompts still get (empty) statistics
     for g in prompt_groups:
         recorder._group_stats(g)

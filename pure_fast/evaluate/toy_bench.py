@@ -170,13 +170,13 @@ def generate_arrays(adapter, prompts: Sequence[str], seeds: Sequence[int], *, st
         enc = Conditioning.cat([adapter.encode(uniq[i : i + 256]) for i in range(0, len(uniq), 256)])
     pos = {p: i for i, p in enumerate(uniq)}
     out = []
-    with torch.no_grad(), progress_bar(total=len(prompts), desc=desc, enabled=progress) as bar:
+    n_batches = -(-len(prompts) // batch_size)
+    with torch.no_grad(), progress_bar(total=n_batches * steps, desc=desc, enabled=progress, unit="step") as bar:
         for s in range(0, len(prompts), batch_size):
             idx = [pos[p] for p in prompts[s : s + batch_size]]
             lat = adapter.denoise(enc.index(idx), list(seeds[s : s + batch_size]), steps=steps,
-                                  guidance_scale=guidance)
+                                  guidance_scale=guidance, on_step=lambda i, t: bar.update(1))
             out.append(adapter.decode_array(lat))
-            bar.update(len(idx))
     return np.concatenate(out)
 
 
