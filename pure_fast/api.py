@@ -11,6 +11,7 @@ import time
 from typing import Sequence
 
 from .adapters import ModelAdapter, load_model, wrap_pipeline
+from .adapters.loading import is_toy_spec
 from .edits import fingerprint as fp
 from .edits.edit import Edit, kv_weights, resolve_unet
 from .methods import EraseContext
@@ -45,8 +46,15 @@ def erase(
     names), applied over the category's preset.
     """
     ctx = EraseContext.prepare(method, forget, retain, category=category, templates=templates, options=options,
-                               values=kwargs)
+                               values=kwargs, toy=is_toy_model(model))
     return run_erase(ctx, model, progress=progress, fingerprint=fingerprint)
+
+
+def is_toy_model(model) -> bool:
+    """Is ``model`` (an adapter, a --model value, or a pipeline) the toy model? (its concepts pick the category)"""
+    if isinstance(model, ModelAdapter):
+        return model.family == "toy"
+    return (model is None or isinstance(model, (str, os.PathLike))) and is_toy_spec(model)
 
 
 def run_erase(ctx: EraseContext, model, *, progress: bool = True, fingerprint: bool = True) -> Edit:

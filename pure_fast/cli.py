@@ -12,6 +12,7 @@ import time
 
 from . import api
 from .adapters import load_model
+from .adapters.loading import is_toy_spec
 from .errors import PureFastError, UsageError
 from .methods import EraseContext, get_method, method_names
 from .options import option_specs
@@ -34,6 +35,57 @@ def _add_common(p):
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true",
+                   help="let diffusers / transformers print their own warnings and loading bars (silenced otherwise)")
+
+
+def _seed(text: str) -> int:
+    """argparse type of --seed: a non-negative integer (seeds name output files and torch generators)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}; use a non-negative integer") from None
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"seed {v} is out of range; use an integer in [0, 2**63)")
+    return v
+
+
+# output folders a command created for its outputs; removed again (when still empty) if the command fails
+_CREATED_DIRS: list[str] = []
+
+
+def make_parents(path: str, flag: str = "--out") -> str:
+    """Create the missing parent folders of the output ``path`` (as users expect); returns the absolute path."""
+    out = os.path.abspath(path)
+    missing, p = [], os.path.dirname(out)
+    while not os.path.exists(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise UsageError(f"{flag} {path}: {p} is a file, not a folder")
+    for d in reversed(missing):
+        os.mkdir(d)
+        _CREATED_DIRS.append(d)
+    return out
+
+
+def edit_out_path(path: str, flag: str = "--out") -> str:
+    """An edit / LoRA file to write: must end in .safetensors (every reader refuses other suffixes as pickles)."""
+    out = os.path.abspath(path)
+    if os.path.isdir(out):
+        raise UsageError(f"{flag} {path} is a folder; give a file name ending in .safetensors")
+    if not out.lower().endswith(".safetensors"):
+        raise UsageError(f"{flag} {path} must end in .safetensors (other suffixes are read back as pickles and refused)")
+    return make_parents(out, flag)
+
+
+def _remove_created_dirs() -> None:
+    while _CREATED_DIRS:
+        d = _CREATED_DIRS.pop()
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--forget", action="append", default=[], metavar="TEXT", help="concept to erase (repeatable)")
     p.add_argument("--retain", action="append", default=[], metavar="TEXT", help="concept to keep (repeatable)")
-    p.add_argument("--category", default=None, help="style, object, ip, celebrity, nsfw (or the toy world's categories)")
+    p.add_argument("--category", default=None,
+                   help="style, object, ip, celebrity, nsfw, or the toy world's shape, colour, background (default: "
+                   "on the toy model, the category of the toy concepts given; otherwise object)")
     p.add_argument("--templates", default=None, metavar="FILE", help="custom anchor templates (one per line, '{}' slot)")
     p.add_argument("--out", required=True, metavar="EDIT.safetensors")
     _add_method_options(p)
@@ -68,16 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="images, optionally before/after an edit")
     _add_model(p)
-    p.add_argument("--edit", action="append", default=[], metavar="EDIT")
-    p.add_argument("--prompt", action="append", default=[], metavar="TEXT")
-    p.add_argument("--prompts-file", default=None, metavar="FILE", help="one prompt per line")
-    p.add_argument("--seed", type=int, action="append", default=None)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--size", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--out-dir", required=True, metavar="DIR")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--edit", action="append", default=[], metavar="EDIT",
+                   help="edit file to render with (repeatable: applied in order); images are written without and "
+                   "with the edits, side by side (original/, edited/); the edits are checked against the model first")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="prompt to render (repeatable)")
+    p.add_argument("--prompts-file", default=None, metavar="FILE", help="more prompts, one per line")
+    p.add_argument("--seed", type=_seed, action="append", default=None,
+                   help="initial-noise seed, a non-negative integer (repeatable; default 0); one image per prompt and seed")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side in pixels (default: the model's own, UNet sample_size x VAE scale factor)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per UNet call (lower it to save memory; default 4)")
+    p.add_argument("--out-dir", required=True, metavar="DIR",
+                   help="new (or empty) folder for the PNGs, grid.png and prompts.json; missing parents are created")
+    p.add_argument("--force", action="store_true", help="apply the edits even if they were made for other weights")
     _add_common(p)
 
     p = sub.add_parser("inspect", help="show what an edit file holds")
@@ -142,6 +201,14 @@ def _method_option_values(args) -> dict:
     return values
 
 
+_COMMAND_START = time.perf_counter()  # reset by main(): the whole command's clock
+
+
+def command_seconds() -> float:
+    """Seconds since the command started (main() entered; imports and model loading included)."""
+    return time.perf_counter() - _COMMAND_START
+
+
 def _emit(args, summary: dict, text: str) -> None:
     if getattr(args, "json", False):
         print(json.dumps(summary, indent=2, default=str))
@@ -165,27 +232,28 @@ def _parse_option_values(items):
 def cmd_erase(args) -> int:
     if not args.forget:
         raise UsageError("no --forget concept given; pass at least one --forget TEXT")
-    out = os.path.abspath(args.out)
-    if not os.path.isdir(os.path.dirname(out)):
-        raise UsageError(f"the folder of --out {args.out} does not exist")
-    if os.path.isdir(out):
-        raise UsageError(f"--out {args.out} is a folder; give the path of the edit file to write (EDIT.safetensors)")
-    # every check of the input (concepts, category / templates, options) before the (slow) model load
+    # every check of the input (concepts, category / templates, options) before the (slow) model load; on the
+    # toy model a missing --category is the toy concepts' own
     ctx = EraseContext.prepare(args.method, args.forget, args.retain, category=args.category,
-                               templates=args.templates, values=_method_option_values(args))
-    model = load_model(args.model, config=args.config, device=args.device, dtype=args.dtype)
+                               templates=args.templates, values=_method_option_values(args),
+                               toy=is_toy_spec(args.model))
+    out = edit_out_path(args.out)
     t0 = time.perf_counter()
-    edit = api.run_erase(ctx, model, progress=not (args.quiet or args.json))
+    model = load_model(args.model, config=args.config, device=args.device, dtype=args.dtype)
     t1 = time.perf_counter()
+    edit = api.run_erase(ctx, model, progress=not (args.quiet or args.json))
+    t2 = time.perf_counter()
     edit.save(out)
-    timings = dict(edit.stats.get("timings", {}))
-    timings["save_s"] = time.perf_counter() - t1
+    timings = {"load_s": t1 - t0, **edit.stats.get("timings", {}), "save_s": time.perf_counter() - t2}
+    elapsed = command_seconds()
+    timings["command_s"] = elapsed
     info = edit.inspect()
-    summary = {"edit": out, "method": edit.method, "family": edit.family, "concepts": edit.concepts,
-               "timings": timings, "file_bytes": os.path.getsize(out), "changed_weights": info["changed_weights"],
-               "elapsed_s": time.perf_counter() - t0}
+    summary = {"edit": out, "method": edit.method, "family": edit.family, "category": ctx.category,
+               "concepts": edit.concepts, "timings": timings, "file_bytes": os.path.getsize(out),
+               "changed_weights": info["changed_weights"], "elapsed_s": elapsed}
     _emit(args, summary, f"wrote {out} ({edit.method}, {info['changed_weights']} weights, "
-          f"{os.path.getsize(out) / 1024:.1f} KiB) in {summary['elapsed_s']:.1f} s")
+          f"{os.path.getsize(out) / 1024:.1f} KiB) in {elapsed:.1f} s (load {t1 - t0:.1f} s, "
+          f"erase {t2 - t1:.1f} s; --json for every stage)")
     return 0
 
 
@@ -236,13 +304,13 @@ def cmd_apply(args) -> int:
                 raise UsageError(f"--out {args.out} already exists; choose a new file")
             if not out.endswith(".safetensors"):
                 raise UsageError(f"--out {args.out} must end in .safetensors for --format single-file")
-            if not os.path.isdir(os.path.dirname(out)):
-                raise UsageError(f"the folder of --out {args.out} does not exist")
     edits = _load_edits(args.edit)
     patches = [e for e in edits if not e.target_weights()]
     if patches:
         raise UsageError(f"edit {args.edit[edits.index(patches[0])]} ({patches[0].method}) changes no weights (an "
                          "activation patch); it cannot be baked into a checkpoint: use it with pure-fast generate --edit")
+    if not args.in_place:
+        make_parents(out)
     model = load_model_any(args.model, config=args.config, device=args.device, dtype=args.dtype)
     try:
         for e in edits:
@@ -288,6 +356,35 @@ def _read_prompts(args):
     return prompts
 
 
+def _check_edits_fit(model, edits, paths, force: bool) -> None:
+    """Apply every edit (family, layer names and shapes, fingerprint of the chain) and revert them all: the
+    same checks ``apply`` makes, done before any image is rendered."""
+    from .edits.edit import revert_all
+    from .errors import EditFileError
+
+    for path, e in zip(paths, edits):
+        if e.family != model.family and not force:
+            raise EditFileError(f"edit {path} was made for a {e.family} model; --model is a {model.family} model")
+    try:
+        for e in edits:
+            e.apply(model, force=force)
+    finally:
+        revert_all(model)
+
+
+def _warn_truncated(model, prompts) -> None:
+    import warnings
+
+    limit = getattr(model, "max_prompt_tokens", None)
+    if limit is None:
+        return
+    for i, p in enumerate(prompts):
+        n = model.prompt_tokens(p)
+        if n > limit:
+            warnings.warn(f"prompt {i} is {n} tokens long and will be cut to the model's {limit} "
+                          f"(its end is ignored): {p[:60]!r}...")
+
+
 def cmd_generate(args) -> int:
     from .adapters import load_model
     from .edits.edit import revert_all
@@ -296,22 +393,30 @@ def cmd_generate(args) -> int:
 
     prompts = _read_prompts(args)
     seeds = args.seed or [0]
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seed {sorted(s for s in seeds if seeds.count(s) > 1)[0]} is given twice")
     if args.steps < 1 or args.steps > 1000:
         raise UsageError(f"--steps {args.steps} is out of range; use 1..1000")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size} must be >= 1")
     edits = _load_edits(args.edit)
     out = os.path.abspath(args.out_dir)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UsageError(f"--out-dir {args.out_dir} exists and is not empty; choose a new folder")
+    make_parents(out, "--out-dir")
     model = load_model(args.model, config=args.config, device=args.device, dtype=args.dtype)
+    if edits:
+        _check_edits_fit(model, edits, args.edit, args.force)  # before any rendering
+    _warn_truncated(model, prompts)
     kw = dict(steps=args.steps, size=args.size, guidance_scale=args.guidance, batch_size=args.batch_size,
               progress=not (args.quiet or args.json))
     sets = {}
     if edits:
-        sets["original"] = model.generate(prompts, seeds, **kw)
+        sets["original"] = model.generate(prompts, seeds, desc="generate original", **kw)
         for e in edits:
             e.apply(model, force=args.force)
         try:
-            sets["edited"] = model.generate(prompts, seeds, **kw)
+            sets["edited"] = model.generate(prompts, seeds, desc="generate edited", **kw)
         finally:
             revert_all(model)
     else:
@@ -325,18 +430,20 @@ def cmd_generate(args) -> int:
             for i, row in enumerate(images):
                 for s, img in zip(seeds, row):
                     img.save(os.path.join(folder, f"{i:03d}_{s}.png"))
+        labels = [f"{i:03d} {p}" for i, p in enumerate(prompts)]
         if edits:
             rows = [sets["original"][i] + sets["edited"][i] for i in range(len(prompts))]
             cols = [f"orig s{s}" for s in seeds] + [f"edit s{s}" for s in seeds]
-            g = grid(rows, [f"{i:03d}" for i in range(len(prompts))], cols, split_after=len(seeds))
+            g = grid(rows, labels, cols, split_after=len(seeds))
         else:
-            g = grid(sets[""], [f"{i:03d}" for i in range(len(prompts))], [f"seed {s}" for s in seeds])
+            g = grid(sets[""], labels, [f"seed {s}" for s in seeds])
         g.save(os.path.join(tmp, "grid.png"))
         with open(os.path.join(tmp, "prompts.json"), "w", encoding="utf-8") as f:
-            json.dump({"prompts": prompts, "seeds": seeds, "steps": args.steps, "size": args.size,
+            json.dump({"prompts": prompts, "seeds": seeds, "steps": args.steps, "size": args.size or model.default_size,
                        "guidance": args.guidance, "edits": args.edit}, f, indent=2)
-    summary = {"out_dir": out, "images": len(prompts) * len(seeds) * len(sets), "grid": os.path.join(out, "grid.png")}
-    _emit(args, summary, f"wrote {summary['images']} images and {summary['grid']}")
+    summary = {"out_dir": out, "images": len(prompts) * len(seeds) * len(sets), "grid": os.path.join(out, "grid.png"),
+               "elapsed_s": command_seconds()}
+    _emit(args, summary, f"wrote {summary['images']} images and {summary['grid']} in {summary['elapsed_s']:.1f} s")
     return 0
 
 
@@ -357,6 +464,7 @@ def cmd_inspect(args) -> int:
         f"method    {e.method} ({e.kind}) for {e.family}, pure_fast {e.version}, created {e.created}",
         f"forget    {', '.join(e.concepts.get('forget', [])) or '-'}",
         f"retain    {', '.join(e.concepts.get('retain', [])) or '-'}",
+        f"category  {e.options.get('category') or '- (none given: object templates)'}",
         f"changes   {info['changed_weights']} weights in {info['layers']} layers",
     ]
     if "rank_min" in info:
@@ -374,6 +482,7 @@ def cmd_inspect(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    make_parents(args.out_dir, "--out-dir")
     return run_demo(args)
 
 
@@ -393,30 +502,56 @@ def _one_line_warnings() -> None:
 
 
 def main(argv=None) -> int:
+    global _COMMAND_START
+    _COMMAND_START = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if not debug:
         _one_line_warnings()
+    verbose_before = os.environ.get("PURE_FAST_VERBOSE")
+    if "--verbose" in argv:
+        os.environ["PURE_FAST_VERBOSE"] = "1"
+    else:
+        from .progress import quiet_third_party
+
+        quiet_third_party()  # before diffusers / transformers are imported: their env switches apply
+    command = "pure-fast"
+    _CREATED_DIRS.clear()
+    rc = 1
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
-            return 2
+            rc = 2
+            return rc
+        command = f"pure-fast {args.command}"
         if getattr(args, "quiet", False) or getattr(args, "json", False):
             os.environ["PURE_FAST_PROGRESS"] = "0"
         from .cli_more import MORE_COMMANDS
 
         handler = COMMANDS.get(args.command) or MORE_COMMANDS[args.command]
-        return handler(args)
+        rc = handler(args)
+        return rc
     except PureFastError as exc:
         if debug:
             raise
         print(f"pure-fast: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        rc = exc.exit_code
+        return rc
     except KeyboardInterrupt:
         print("pure-fast: interrupted (no partial output was kept)", file=sys.stderr)
-        return 130
+        rc = 130
+        return rc
+    except ModuleNotFoundError as exc:
+        from .deps import missing_message
+
+        msg = missing_message(exc.name or "", command)
+        if debug:
+            raise
+        print(f"pure-fast: error: {msg or f'unexpected ModuleNotFoundError: {exc} (rerun with --debug for details)'}",
+              file=sys.stderr)
+        return 1
     except MemoryError:
         if debug:
             raise
@@ -435,3 +570,11 @@ def main(argv=None) -> int:
         print(f"pure-fast: error: unexpected {type(exc).__name__}: {msg} (rerun with --debug for details)",
               file=sys.stderr)
         return 1
+    finally:
+        if rc != 0:
+            _remove_created_dirs()
+        _CREATED_DIRS.clear()
+        if verbose_before is None:
+            os.environ.pop("PURE_FAST_VERBOSE", None)
+        else:
+            os.environ["PURE_FAST_VERBOSE"] = verbose_before

@@ -112,10 +112,10 @@ def _fresh_out_dir(path: str):
     """A temp folder beside ``path``; the caller moves its files into ``path`` at the end."""
     import tempfile
 
-    path = os.path.abspath(path)
+    from .cli import make_parents
+
+    path = make_parents(path, "--out-dir")
     parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise UsageError(f"the parent of --out-dir ({parent}) does not exist; create it first")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"--out-dir {path} exists and is not a folder")
     return path, tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)

@@ -13,6 +13,21 @@ def _upscale(img: Image.Image, min_side: int) -> Image.Image:
     return img.resize((img.width * f, img.height * f), Image.NEAREST)
 
 
+LABEL_CHARS = 28  # row labels (prompts) wrap at this many characters per line
+
+
+def _wrap(label: str, height: int) -> str:
+    """A row label wrapped to LABEL_CHARS per line, with as many lines as the row's height holds."""
+    import textwrap
+
+    lines = textwrap.wrap(label, LABEL_CHARS) or [""]
+    fit = max(1, height // 12)
+    if len(lines) > fit:
+        lines = lines[:fit]
+        lines[-1] = lines[-1][: LABEL_CHARS - 3] + "..."
+    return "\n".join(lines)
+
+
 def grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] | None = None,
          col_labels: Sequence[str] | None = None, min_side: int = 96, gap: int = 4,
          split_after: int | None = None) -> Image.Image:
@@ -21,7 +36,11 @@ def grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] | None
     w = max(im.width for r in rows for im in r)
     h = max(im.height for r in rows for im in r)
     ncol = max(len(r) for r in rows)
-    label_w = 40 if row_labels else 0
+    row_labels = [_wrap(lab, h) for lab in row_labels] if row_labels else row_labels
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = (max(probe.textlength(line) for lab in row_labels for line in lab.split("\n")) + 8
+               if row_labels else 0)
+    label_w = int(max(label_w, 40)) if row_labels else 0
     head_h = 16 if col_labels else 0
     extra = 12 if split_after else 0
     W = label_w + ncol * (w + gap) + extra
@@ -37,5 +56,6 @@ def grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] | None
                 canvas.paste(row[c], (x, head_h + r * (h + gap)))
     if row_labels:
         for r, lab in enumerate(row_labels):
-            draw.text((2, head_h + r * (h + gap) + h // 2 - 5), lab, fill=(0, 0, 0))
+            n = lab.count("\n") + 1
+            draw.multiline_text((2, head_h + r * (h + gap) + max(0, h // 2 - 6 * n)), lab, fill=(0, 0, 0), spacing=2)
     return canvas

@@ -82,6 +82,7 @@ def expand(concept: str, category: str | None = None, templates: Sequence[str] |
         if cat in TOY_CATEGORIES:
             from .toy import world
 
+            check_toy_concepts([concept])
             prompts = world.anchor_prompts(concept)
             return prompts[:n] if n else prompts
         if cat not in TEMPLATES:
@@ -123,3 +124,31 @@ def check_concepts(forget: Sequence[str], retain: Sequence[str]) -> tuple[list[s
     if overlap:
         raise UsageError(f"concept(s) both forgotten and retained: {', '.join(overlap)}; remove them from --retain")
     return f, r
+
+
+def check_toy_concepts(concepts: Sequence[str]) -> None:
+    """Every concept must be one of the toy world's (UsageError naming the known ones otherwise)."""
+    from .toy import world
+
+    known = world.all_concepts()
+    unknown = [c for c in concepts if c not in known]
+    if unknown:
+        raise UsageError(f"unknown toy concept {unknown[0]!r}; known: {', '.join(known)} (or pass --templates FILE)")
+
+
+def default_category(forget: Sequence[str], retain: Sequence[str], category: str | None = None,
+                     templates=None, *, toy: bool = False) -> str | None:
+    """The category a run uses: the given one; on the toy model, the toy category of the first forget concept
+    (as ``pure-fast eval`` does), so the toy anchors and presets apply; otherwise None (object templates).
+
+    On the toy model a concept outside the toy world is a usage error, unless custom templates are given.
+    """
+    if category or not toy:
+        return category
+    from .toy import world
+
+    if templates is None:
+        check_toy_concepts([*forget, *retain])
+    elif any(c not in world.all_concepts() for c in [*forget, *retain]):
+        return None
+    return world.category_of(forget[0])

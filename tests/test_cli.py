@@ -86,7 +86,7 @@ def _err(argv, capsys):
 @pytest.mark.parametrize("case", [
     "missing_model", "single_file_no_config", "pickle_ckpt", "empty_forget", "no_forget", "duplicate_forget",
     "overlap", "unreadable_edit", "missing_edit", "bad_threshold", "bad_category", "bad_method", "not_a_model_dir",
-    "config_not_dir", "out_dir_missing", "bad_dtype", "bad_device", "unknown_flag", "no_prompt", "bad_steps",
+    "config_not_dir", "out_parent_is_a_file", "bad_dtype", "bad_device", "unknown_flag", "no_prompt", "bad_steps",
 ])
 def test_bad_input_one_line(case, tiny_sd1_dir, edit_file, tmp_path, capsys):
     out = str(tmp_path / "x.safetensors")
@@ -110,7 +110,8 @@ def test_bad_input_one_line(case, tiny_sd1_dir, edit_file, tmp_path, capsys):
         "bad_method": base + ["--method", "magic"],
         "not_a_model_dir": ["erase", "--model", str(tmp_path), "--forget", "x", "--out", out],
         "config_not_dir": ["erase", "--model", str(tmp_path / "m.safetensors"), "--config", str(junk), "--forget", "x", "--out", out],
-        "out_dir_missing": base[:5] + ["--out", str(tmp_path / "no" / "dir" / "e.safetensors")],
+        # a missing --out folder is created (tests/test_newcomer.py); one under a file cannot be
+        "out_parent_is_a_file": base[:5] + ["--out", str(junk / "dir" / "e.safetensors")],
         "bad_dtype": base + ["--dtype", "int3"],
         "bad_device": base + ["--device", "tpu"],
         "unknown_flag": base + ["--frobnicate"],

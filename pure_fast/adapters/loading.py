@@ -98,13 +98,12 @@ def _pipeline_class(name: str):
 
 
 def _quiet_diffusers():
-    import diffusers
-    import transformers
+    import diffusers  # noqa: F401 - imported here so that quiet_third_party switches them
+    import transformers  # noqa: F401
 
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+    from ..progress import quiet_third_party
+
+    quiet_third_party()
 
 
 def load_pipeline(spec: str, config: str | None = None, dtype: torch.dtype | None = None):
@@ -185,6 +184,11 @@ def wrap_pipeline(pipe, device=None, dtype=None) -> ModelAdapter:
         dtype = pipe.unet.dtype
     pipe.to(device)
     return cls(pipe, pipe.unet, device=device, dtype=dtype)
+
+
+def is_toy_spec(spec) -> bool:
+    """Does a --model value name the toy model (None, 'toy', or a toy weights folder)?"""
+    return spec is None or spec == "toy" or _is_toy_weights_folder(os.fspath(spec))
 
 
 def _is_toy_weights_folder(path: str) -> bool:

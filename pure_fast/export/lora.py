@@ -19,14 +19,18 @@ no ``.alpha`` tensors; the PEFT ``LoraConfig`` (r, lora_alpha, target_modules, r
 sits in the safetensors metadata under ``lora_adapter_metadata`` with the ``unet.`` prefix on every field,
 which is what ``pipe.load_lora_weights`` (diffusers 0.42) reads back, so differing ranks load exactly.
 
-kohya form (ComfyUI, A1111, diffusers): ``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up.weight``
-/ ``.alpha`` (0-d tensor); consumers scale by ``alpha / r``. Module names are the diffusers ones by default
-(as kohya's sd-scripts writes for SD1/SD2); ``kohya_names="ldm"`` writes the LDM/SGM names instead
-(``lora_unet_input_blocks_4_1_...``, as sd-scripts writes for SDXL). diffusers 0.42 turns kohya alphas into
+kohya form: ``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (0-d tensor);
+consumers scale by ``alpha / r``. Module names are the diffusers ones by default (as kohya's sd-scripts writes
+for SD1/SD2); ``kohya_names="ldm"`` writes the LDM/SGM names instead (``lora_unet_input_blocks_4_1_...``, as
+sd-scripts writes for SDXL). Which consumer loads what (``consumer_notes``): ComfyUI and A1111 read the kohya
+form with either naming and ignore every key of the diffusers form (ComfyUI logs "lora key not loaded" and
+leaves the model unchanged); diffusers reads the diffusers form, the kohya form with diffusers names, and the
+kohya form with LDM names for SDXL only (for SD1/SD2 ``load_lora_weights`` raises NoMatchingPeftModuleError:
+its kohya converter maps only SGM block names). diffusers 0.42 turns kohya alphas into
 an ``alpha_pattern`` whose keys never match a module (``..._lora.down.weight``), so every module gets the
 most common alpha: with ranks that differ, a per-module ``alpha = r`` would load with the wrong scale there.
 The kohya export therefore writes ONE alpha for all modules (the most common rank) and folds ``r / alpha``
-into ``up`` of the other modules, which every consumer (A1111, ComfyUI, diffusers) scales identically.
+into ``up`` of the other modules, which every consumer that loads the file scales identically.
 """
 from __future__ import annotations
 
@@ -238,6 +242,21 @@ def _kohya_name(module: str, unet, names: str) -> str:
             raise UsageError("kohya LDM module names need the model's UNet config: pass --model")
         module = ldm_unet_key(module + ".weight", unet.config)[: -len(".weight")]
     return "lora_unet_" + module.replace(".", "_")
+
+
+def consumer_notes(format: str, kohya_names: str = "diffusers", family: str = "sd1") -> tuple[str, str | None]:
+    """(which programs load a LoRA file of this form, a warning where a common consumer will not load it)."""
+    if format == "diffusers":
+        return ("for diffusers (pipe.load_lora_weights)",
+                "ComfyUI and A1111 ignore every key of a lora-diffusers file (ComfyUI logs 'lora key not loaded' "
+                "and leaves the model unchanged); for them export --format lora-kohya")
+    if kohya_names == "ldm":
+        if family == "sdxl":
+            return "for ComfyUI, A1111 and diffusers (pipe.load_lora_weights)", None
+        return ("for ComfyUI and A1111",
+                f"diffusers cannot load lora-kohya with --kohya-names ldm for a {family} model "
+                "(NoMatchingPeftModuleError); for diffusers use --kohya-names diffusers")
+    return "for ComfyUI, A1111 and diffusers (pipe.load_lora_weights)", None
 
 
 def _base_model_version(family: str) -> str:

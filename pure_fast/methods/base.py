@@ -23,7 +23,7 @@ import torch
 from ..collect.activations import Activations, collect_activations
 from ..errors import UsageError
 from ..options import options_from_values, options_meta, validate_options
-from ..prompts import anchor_sets, check_concepts, method_preset
+from ..prompts import anchor_sets, check_concepts, default_category, method_preset
 
 
 @dataclass(frozen=True)
@@ -97,13 +97,15 @@ class EraseContext:
 
     @classmethod
     def prepare(cls, method: str, forget: Sequence[str] | str, retain: Sequence[str] | str = (), *,
-                category: str | None = None, templates=None, options=None, values: dict | None = None
-                ) -> "EraseContext":
+                category: str | None = None, templates=None, options=None, values: dict | None = None,
+                toy: bool = False) -> "EraseContext":
         """Every check of the user's input, before any model is loaded: concepts, method, category /
-        templates (anchor prompts), options."""
+        templates (anchor prompts), options. ``toy``: the model is the toy model, so a missing category is
+        inferred from the toy concept names (``prompts.default_category``)."""
         forget = [forget] if isinstance(forget, str) else list(forget)
         retain = [retain] if isinstance(retain, str) else list(retain)
         forget, retain = check_concepts(forget, retain)
+        category = default_category(forget, retain, category, templates, toy=toy)
         m = get_method(method)
         f_prompts, r_prompts = anchor_sets(forget, retain, category, templates)
         opts = build_options(m, options, values, category)
