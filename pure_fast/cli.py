@@ -382,7 +382,7 @@ def _warn_truncated(model, prompts) -> None:
         n = model.prompt_tokens(p)
         if n > limit:
             warnings.warn(f"prompt {i} is {n} tokens long and will be cut to the model's {limit} "
-                          f"(its end is ignored): {p[:60]!r}...")
+                          f"(its end is ignored): {p[:60]!r}...", stacklevel=2)
 
 
 def cmd_generate(args) -> int:

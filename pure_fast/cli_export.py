@@ -99,7 +99,7 @@ def cmd_export(args) -> int:
         consumers, warning = consumer_notes(LORA_FORMATS[args.format], args.kohya_names, edit.family)
         rep["consumers"], rep["warning"] = consumers, warning
         if warning:
-            warnings.warn(warning)
+            warnings.warn(warning, stacklevel=2)
         text = (f"wrote {out} ({args.format}, {rep['modules']} modules, {ranks}, {rep['dtype']}, "
                 f"{rep['bytes'] / 1024:.1f} KiB; {how}) {consumers}")
         rep = {k: v for k, v in rep.items() if k != "weights"} if not args.json else rep

@@ -77,6 +77,6 @@ def run_tiny_demo(args) -> int:
             json.dump(summary, f, indent=2)
     print(f"forget-specific activation signal kept: {effect['forget_energy_kept']:.3f} (0 = erased)")
     print(f"retain activations changed by:          {effect['retain_change']:.3f} (relative)")
-    print(f"stage times: " + ", ".join(f"{k} {v:.2f}s" for k, v in edit.stats["timings"].items()))
+    print("stage times: " + ", ".join(f"{k} {v:.2f}s" for k, v in edit.stats["timings"].items()))
     print(f"wrote {out}/edit.safetensors, before_after.png, summary.json in {time.perf_counter() - t0:.0f} s")
     return 0

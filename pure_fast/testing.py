@@ -168,7 +168,8 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0, vocabulary: str = "c
         te2 = CLIPTextModelWithProjection(_clip_text_config(32, projection=32))
         pipe = StableDiffusionXLPipeline(
             vae=_tiny_vae(), text_encoder=te1, text_encoder_2=te2, tokenizer=clip_tokenizer(vocabulary=vocabulary),
-            tokenizer_2=clip_tokenizer(pad_token="!", vocabulary=vocabulary), unet=unet, scheduler=_ddim(), force_zeros_for_empty_prompt=True,
+            tokenizer_2=clip_tokenizer(pad_token="!", vocabulary=vocabulary), unet=unet, scheduler=_ddim(),
+            force_zeros_for_empty_prompt=True,
         )
     else:
         raise ValueError(f"unknown tiny family {family!r}; use sd1, sd2 or sdxl")

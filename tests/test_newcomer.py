@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -62,6 +61,7 @@ def toy_uce_edit(tmp_path_factory):
 
 # ---- §1.2 packaging ----------------------------------------------------------------------------------------
 def test_core_dependencies_have_ranges_and_toy_extra():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11 (CI's)
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
     deps = {d.split(";")[0].split(">")[0].split("<")[0].split("=")[0].strip(): d for d in meta["project"]["dependencies"]}
     for name in ("torch", "diffusers", "transformers", "numpy", "safetensors", "tqdm", "pillow"):
@@ -405,7 +405,8 @@ def test_unet_state_dict_without_model_means_toy(toy_uce_edit, uce_edit, tmp_pat
     out = tmp_path / "u.safetensors"
     rc, stdout, err = _run(["export", "--edit", toy_uce_edit, "--format", "unet-state-dict", "--out", str(out)], capsys)
     assert rc == 0 and out.is_file() and "for diffusers / PyTorch" in stdout, err
-    rc, _, err = _run(["export", "--edit", uce_edit, "--format", "unet-state-dict", "--out", str(tmp_path / "u2.safetensors")], capsys)
+    rc, _, err = _run(["export", "--edit", uce_edit, "--format", "unet-state-dict",
+                       "--out", str(tmp_path / "u2.safetensors")], capsys)
     _one_line_error(rc, err, 2, "sd1 edit needs --model")
 
 

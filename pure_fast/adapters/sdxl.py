@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .base import Conditioning, TokenEmbeddings
+from .base import Conditioning
 from .sd import SDAdapter
 
 

@@ -89,10 +89,9 @@ class ToyAdapter(ModelAdapter):
 def load_toy(device="cpu", dtype=torch.float32, weights_dir: str | Path | None = None) -> ToyAdapter:
     """The shipped toy model (``pure_fast/toy/weights``) as a ToyAdapter. Raises ModelLoadError when the
     weights (or the MiniLM text encoder package) are missing."""
+    from ..progress import quiet_third_party
     from ..toy.model import load_unet, sample_scheduler
     from ..toy.text import model_dir
-
-    from ..progress import quiet_third_party
 
     model_dir()  # fail early, with the install hint, if MiniLM is missing
     quiet_third_party()  # diffusers' "should be kept in float32: []", transformers' "Loading weights" bars
