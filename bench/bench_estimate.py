@@ -83,7 +83,7 @@ def run(device: str = "cpu") -> list[dict]:
         method = "randomized" if kind == "randomized" else "exact"
         layers = sum(groups.values())
         case = (f"SDXL {layers} layers " + " + ".join(f"{L}x{d}" for d, L in groups.items())
-                + (f", gram d x d" if is_gram else f", rows n={n}") + (", randomized" if method == "randomized" else ""))
+                + (", gram d x d" if is_gram else f", rows n={n}") + (", randomized" if method == "randomized" else ""))
 
         def loop():
             return {d: subspace_basis_loop(x, THRESHOLD, is_gram=is_gram)[:2] for d, x in data.items()}

@@ -54,7 +54,7 @@ class _Sampler(threading.Thread):
 
 def _stats_bytes(acts) -> tuple[int, int]:
     held = full = 0
-    for group, per_layer in acts.stats.items():
+    for per_layer in acts.stats.values():
         for st in per_layer:
             if st.is_gram:
                 held += st.gram.numel() * st.gram.element_size()

@@ -30,7 +30,7 @@ from .io import KINDS, load_edit, register, save_edit  # noqa: F401 - KINDS and 
 
 def resolve_unet(model) -> torch.nn.Module:
     """Accept an adapter, a diffusers pipeline, or a UNet."""
-    if hasattr(model, "unet") and isinstance(getattr(model, "unet"), torch.nn.Module):
+    if hasattr(model, "unet") and isinstance(model.unet, torch.nn.Module):
         return model.unet
     if isinstance(model, torch.nn.Module):
         return model

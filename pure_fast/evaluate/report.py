@@ -136,7 +136,7 @@ def sample_grid(before: dict, after: dict, path: str) -> tuple[str, list[str]]:
             for other in (b, a):
                 # show the same prompt for both models only when it is this model's; else its own images
                 src = res if other is res else None
-                for sd_i, sd in enumerate(seeds):
+                for sd_i, _ in enumerate(seeds):
                     if src is not None:
                         row.append(Image.fromarray(src["greedy_images"][sd_i]))
                     else:

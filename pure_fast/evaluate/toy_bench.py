@@ -471,7 +471,7 @@ def bench_quality(adapter, methods: Sequence[str] | None = None, concepts: dict[
                 rows[m]["concepts"][c] = r["concepts"][c]
                 rows[m]["erase_s"] += r["erase_s"]
             bar.update(1)
-    for m, row in rows.items():
+    for row in rows.values():
         row["categories"] = {}
         for cat, cs in concepts.items():
             got = [row["concepts"][c] for c in cs if c in row["concepts"]]

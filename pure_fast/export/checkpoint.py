@@ -42,7 +42,7 @@ import uuid
 import torch
 
 from ..adapters import load_model
-from ..errors import EditFileError, ModelLoadError, PureFastError, UsageError
+from ..errors import EditFileError, PureFastError, UsageError
 from ..fileio import atomic_dir, atomic_path, load_safetensors, read_safetensors_header, save_safetensors
 from ..toy.model import WEIGHTS_DIR
 from .single_file import save_single_file

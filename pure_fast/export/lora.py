@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ..edits.edit import Edit, LowRankEdit, applied_stack, resolve_unet
+from ..edits.edit import Edit, applied_stack, resolve_unet
 from ..errors import EditFileError, UsageError
 from ..fileio import save_safetensors
 from .single_file import ldm_unet_key

@@ -281,7 +281,7 @@ def _estimate(ctx: EraseContext, acts, pairs, r_pairs, r_list, n_collected: int)
     presence: dict[str, dict[str, float]] = {c: {} for c in pairs}  # mean retain presence per layer
     gated: dict[str, torch.Tensor] = {c: torch.zeros(len(r_list), dtype=torch.float64) for c in pairs}
     health: dict[str, dict[str, list[str]]] = {c: {} for c in pairs}
-    for d, idx in shape_groups(layers).items():
+    for idx in shape_groups(layers).values():
         R = _means(acts, r_list, idx) if r_list else None
         check_finite("the retain prompts' activations", R=R)
         V_R = None

@@ -112,7 +112,6 @@ def measure(adapter, *, seeds=(0, 1), steps: int = 20, guidance: float | None = 
             progress: bool = True) -> dict:
     """Per-concept accuracy of ``adapter`` on canonical prompts. Every full (shape, colour, background)
     canonical prompt is generated once per seed; each image counts for its three concepts."""
-    import torch
 
     from .detectors import detect
 

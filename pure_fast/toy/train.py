@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data, model as M, world
+from . import data, model as M
 
 NULL_CAPTION = ""
 
