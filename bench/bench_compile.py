@@ -1,23 +1,29 @@
-"""Does ``torch.compile`` (and, on CUDA, CUDA graphs) speed up the collection trajectory's UNet passes?
+"""Does ``torch.compile`` (and, on CUDA, CUDA graphs) speed up PURE's collection?
 
-The issue asks to make the trajectory fast with "whatever else holds up in measurement (CUDA graphs,
-``torch.compile``)". This measures it before anything ships: one UNet forward pass of a CFG batch at the
-collection shape, plain (default attention processors) and hooked (PURE's recording processors installed and
-recording), each eager vs compiled:
+Table ``compile`` — one UNet forward pass of a CFG batch at the collection shape, plain (default attention
+processors) and hooked (PURE's recording processors installed and recording), each eager vs compiled:
 
-* ``eager`` (baseline), ``compile`` (``torch.compile(unet)``, default inductor mode);
-* CUDA only: ``compile reduce-overhead`` (inductor with CUDA graphs) for the plain pass (the hooked pass
-  records into Python lists between graph pieces, which CUDA graphs cannot capture).
+* ``eager`` (baseline), ``compile default`` (``torch.compile``, inductor);
+* CUDA only: ``compile reduce-overhead`` (inductor with CUDA graphs), plain and hooked. The hooked pass
+  records through the deferred recorder (``collect/compiled.py``: each processor stores its pooled tensor in
+  a per-layer slot, flushed after the pass), so it compiles without graph breaks and CUDA graphs capture it.
 
 Every compiled provider is verified against the eager output first (fp32: 1e-4 relative; bf16: 2e-2, the
-rounding of a different kernel order through the whole UNet) and its first call (compilation) is reported
-separately from the steady-state median. The hooked compiled pass also checks that the recorded statistics
-equal the eager ones.
+rounding of a different kernel order through the whole UNet), the hooked one also on the recorded
+statistics; its first call (compilation) is reported separately from the steady-state median.
 
-CPU (measured, SD1.5 architecture, batch 12 x2 CFG at 64 px, fp32, 2 cores, two runs): compilation 106 s
-cold (12 s with inductor's cache warm), then 0.62-0.73x eager (plain) and 0.21-0.24x (hooked: graph breaks at
-every attn2 recording): it does not hold up, so the trajectory stays eager. CUDA: SD1.5 and SDXL architectures in bf16 at the collection defaults (256 / 512 px),
-batch 16 x2 CFG: pending a GPU (``bash bench/gpu/session.sh``); left out of a default CPU run.
+Table ``pure_compiled`` (CUDA, or ``BENCH_COMPILE_E2E=1``) — ``pure_fast.erase`` (PURE) end to end with
+1 and 50 concepts (``BENCH_COMPILE_CONCEPTS``), eager vs ``PURE_FAST_COMPILE_COLLECT=reduce-overhead`` /
+``1``: the first compiled run (compilation, with inductor's on-disk cache as it is,
+``TORCHINDUCTOR_CACHE_DIR``) reported apart from the warm run; verified by the projector-free check that the
+compiled edit's ΔW equals the eager one's within bf16 rounding (relative Frobenius distance <= 5e-2 bf16,
+1e-3 fp32). Settings as ``bench_end_to_end`` (PURE's defaults, 8 templates).
+
+CPU (measured before the deferred recorder, SD1.5 architecture, batch 12 x2 CFG at 64 px, fp32, 2 cores,
+two runs): compilation 106 s cold (12 s with inductor's cache warm), then 0.62-0.73x eager (plain) and
+0.21-0.24x (hooked: the old recorder recompiled per call): it does not hold up, so collection stays eager on
+CPU. CUDA: SD1.5 and SDXL architectures in bf16 at the collection defaults (256 / 512 px), batch 16 x2 CFG:
+pending a GPU (``bash bench/gpu/session.sh compile``); left out of a default CPU run.
 """
 from __future__ import annotations
 
@@ -46,6 +52,9 @@ def _settings(device: str) -> dict:
     if only:
         cfg["archs"] = {a: s for a, s in cfg["archs"].items() if a in only}
     cfg["hooked"] = (False, True) if os.environ.get("BENCH_COMPILE_HOOKED", "1") != "0" else (False,)
+    cfg["e2e"] = device == "cuda" or os.environ.get("BENCH_COMPILE_E2E", "0") == "1"
+    cfg["e2e_concepts"] = tuple(int(c) for c in os.environ.get("BENCH_COMPILE_CONCEPTS", "1,50").split(",") if c)
+    cfg["e2e_modes"] = ("reduce-overhead", "1") if device == "cuda" else ("1",)
     return cfg
 
 
@@ -54,6 +63,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _stats_snapshot(rec) -> list[torch.Tensor]:
+    rec.flush()
     return [s.matrix().clone() for s in rec.stats["a"]]
 
 
@@ -106,10 +116,17 @@ def run(device: str = "cpu") -> list[dict]:
                 t_eager = common.time_fn(lambda: forward(unet), device, **cfg["timing"])
                 rows.append({**base, "case": label, "provider": "eager", **t_eager, "ratio": 1.0,
                              "check": "reference"})
-                modes = ["default"] + (["reduce-overhead"] if device == "cuda" and not hooked else [])
+                modes = ["default"] + (["reduce-overhead"] if device == "cuda" else [])
                 for mode in modes:
                     torch._dynamo.reset()
-                    cu = torch.compile(unet, mode=None if mode == "default" else mode)
+                    compiled = torch.compile(unet, mode=None if mode == "default" else mode)
+
+                    def cu(*a, _c=compiled, _clone=mode == "reduce-overhead", **kw):
+                        out = _c(*a, **kw)  # deferred recorder: slots filled in the graph, added here
+                        rec.flush(clone=_clone)
+                        return out
+
+                    rec.deferred = hooked
                     rec.stats.clear()
                     t0 = time.perf_counter()
                     out = forward(cu)
@@ -131,14 +148,77 @@ def run(device: str = "cpu") -> list[dict]:
                                  "ratio": t_eager["ms"] / t_c["ms"], "check": check,
                                  "note": f"first call (compilation) {first_s:.1f} s"})
                     common.log(f"   {label}: compile {mode} {t_eager['ms'] / t_c['ms']:.2f}x eager")
-                    del cu
+                    rec.deferred = False
+                    del cu, compiled
             finally:
                 if ctx is not None:
                     ctx.__exit__(None, None, None)
         torch._dynamo.reset()
+        if cfg["e2e"]:
+            rows += pure_compiled_rows(arch, ad, device, cfg)
         del ad, pipe, unet
         if device == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def _delta_distance(a, b) -> float:
+    """max over weights of ||ΔW_a - ΔW_b||_F / ||ΔW_b||_F (low-rank edits: up @ down)."""
+    worst = 0.0
+    for name, (ub, db) in b.factors.items():
+        ua, da = a.factors[name]
+        wa, wb = ua.double() @ da.double(), ub.double() @ db.double()
+        worst = max(worst, float((wa - wb).norm() / wb.norm().clamp_min(1e-30)))
+    return worst
+
+
+def pure_compiled_rows(arch, adapter, device, cfg) -> list[dict]:
+    """Table ``pure_compiled`` (module docstring): PURE end to end, eager vs compiled collection."""
+    import pure_fast
+    from bench_end_to_end import RETAIN, concepts, settings
+
+    e2e = settings(device)
+    rows = []
+    tol = 5e-2 if cfg["dtype"] == torch.bfloat16 else 1e-3
+    for n in cfg["e2e_concepts"]:
+        kw = dict(category="style", progress=False, templates=e2e["templates"], **e2e["collect"])
+        os.environ.pop("PURE_FAST_COMPILE_COLLECT", None)
+        case = f"{arch} PURE {n} concept(s), erase end to end"
+        base = {"bench": "compile", "table": "pure_compiled", "case": case,
+                "dtype": str(cfg["dtype"]).replace("torch.", "")}
+        pure_fast.erase(adapter, concepts(n), RETAIN, **kw) if n == cfg["e2e_concepts"][0] else None  # warm-up
+        common.sync(device)
+        t0 = time.perf_counter()
+        ref = pure_fast.erase(adapter, concepts(n), RETAIN, **kw)
+        common.sync(device)
+        t_eager = time.perf_counter() - t0
+        col = ref.stats.get("timings", {}).get("collect_s")
+        rows.append({**base, "provider": "eager", "ms": 1e3 * t_eager, "ratio": 1.0, "check": "reference",
+                     "note": f"collect {col:.3g} s" if col else ""})
+        for mode in cfg["e2e_modes"]:
+            os.environ["PURE_FAST_COMPILE_COLLECT"] = mode
+            try:
+                torch._dynamo.reset()
+                t0 = time.perf_counter()
+                pure_fast.erase(adapter, concepts(n), RETAIN, **kw)  # first run: compiles
+                common.sync(device)
+                first = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                edit = pure_fast.erase(adapter, concepts(n), RETAIN, **kw)
+                common.sync(device)
+                warm = time.perf_counter() - t0
+            finally:
+                os.environ.pop("PURE_FAST_COMPILE_COLLECT", None)
+                torch._dynamo.reset()
+            dist = _delta_distance(edit, ref)
+            if not dist <= tol:
+                raise AssertionError(f"{case}: compiled ({mode}) edit differs from eager: {dist:.3g} > {tol:g}")
+            col = edit.stats.get("timings", {}).get("collect_s")
+            rows.append({**base, "provider": f"compiled {mode}", "ms": 1e3 * warm, "ratio": t_eager / warm,
+                         "first_run_s": first, "compile_s": first - warm,
+                         "check": f"ΔW vs eager: rel {dist:.1e} <= {tol:g}",
+                         "note": f"collect {col:.3g} s; first run (compiling) {first:.1f} s"})
+            common.log(f"   {case}: compiled {mode} {t_eager / warm:.2f}x eager, first run {first:.1f} s")
     return rows
 
 

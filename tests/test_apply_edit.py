@@ -380,3 +380,28 @@ def test_shared_edit_non_finite_result_is_refused_with_the_weight_named(tiny_sd1
     with pytest.raises(NumericalError, match=r"makes .*to_[kv]\.weight non-finite; the model was not changed"):
         e.apply(unet, check=False)
     assert all(torch.equal(w.detach(), before[n]) for n, w in kv_weights(unet).items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shared_fp32_on_cuda_sdxl_shape_with_tf32_on():
+    """On CUDA at an SDXL K/V shape, with TF32 allowed globally (it must not leak into the fp32 route):
+    within the stated bound of the float64 result; the batched finiteness check needs no per-weight sync."""
+    from pure_fast.ops.finite import first_nonfinite
+
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        g = _gen(9)
+        Ws = [torch.randn(1280, 2048, generator=g, dtype=F64).mul_(0.02).to(torch.bfloat16) for _ in range(3)]
+        U, V = torch.randn(2048, 10, generator=g), 0.05 * torch.randn(2048, 10, generator=g)
+        got = ae.shared_rounded_fp32([w.cuda() for w in Ws], U=U, V=V)
+        assert first_nonfinite(got) is None
+        for w, out in zip(Ws, got):
+            exact = w.double() + (w.double() @ U.double()) @ V.double().T
+            err = (out.cpu().double() - exact).abs()
+            assert bool((err <= 0.5 * _ulp(exact, torch.bfloat16) + ae.shared_fp32_error_bound(w, U=U, V=V)).all())
+        got[1][3, 5] = float("nan")
+        assert first_nonfinite(got) == 1
+    finally:
+        torch.set_float32_matmul_precision(prev)
