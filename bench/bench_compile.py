@@ -12,12 +12,7 @@ Every compiled provider is verified against the eager output first (fp32: 1e-4 r
 rounding of a different kernel order through the whole UNet), the hooked one also on the recorded
 statistics; its first call (compilation) is reported separately from the steady-state median.
 
-Table ``pure_compiled`` (CUDA, or ``BENCH_COMPILE_E2E=1``) — ``pure_fast.erase`` (PURE) end to end with
-1 and 50 concepts (``BENCH_COMPILE_CONCEPTS``), eager vs ``PURE_FAST_COMPILE_COLLECT=reduce-overhead`` /
-``1``: the first compiled run (compilation, with inductor's on-disk cache as it is,
-``TORCHINDUCTOR_CACHE_DIR``) reported apart from the warm run; verified by the projector-free check that the
-compiled edit's ΔW equals the eager one's within bf16 rounding (relative Frobenius distance <= 5e-2 bf16,
-1e-3 fp32). Settings as ``bench_end_to_end`` (PURE's defaults, 8 templates).
+PURE end to end with compiled collection: ``bench_compile_e2e.py``.
 
 CPU (measured before the deferred recorder, SD1.5 architecture, batch 12 x2 CFG at 64 px, fp32, 2 cores,
 two runs): compilation 106 s cold (12 s with inductor's cache warm), then 0.62-0.73x eager (plain) and
@@ -52,9 +47,6 @@ def _settings(device: str) -> dict:
     if only:
         cfg["archs"] = {a: s for a, s in cfg["archs"].items() if a in only}
     cfg["hooked"] = (False, True) if os.environ.get("BENCH_COMPILE_HOOKED", "1") != "0" else (False,)
-    cfg["e2e"] = device == "cuda" or os.environ.get("BENCH_COMPILE_E2E", "0") == "1"
-    cfg["e2e_concepts"] = tuple(int(c) for c in os.environ.get("BENCH_COMPILE_CONCEPTS", "1,50").split(",") if c)
-    cfg["e2e_modes"] = ("reduce-overhead", "1") if device == "cuda" else ("1",)
     return cfg
 
 
@@ -154,71 +146,9 @@ def run(device: str = "cpu") -> list[dict]:
                 if ctx is not None:
                     ctx.__exit__(None, None, None)
         torch._dynamo.reset()
-        if cfg["e2e"]:
-            rows += pure_compiled_rows(arch, ad, device, cfg)
         del ad, pipe, unet
         if device == "cuda":
             torch.cuda.empty_cache()
-    return rows
-
-
-def _delta_distance(a, b) -> float:
-    """max over weights of ||ΔW_a - ΔW_b||_F / ||ΔW_b||_F (low-rank edits: up @ down)."""
-    worst = 0.0
-    for name, (ub, db) in b.factors.items():
-        ua, da = a.factors[name]
-        wa, wb = ua.double() @ da.double(), ub.double() @ db.double()
-        worst = max(worst, float((wa - wb).norm() / wb.norm().clamp_min(1e-30)))
-    return worst
-
-
-def pure_compiled_rows(arch, adapter, device, cfg) -> list[dict]:
-    """Table ``pure_compiled`` (module docstring): PURE end to end, eager vs compiled collection."""
-    import pure_fast
-    from bench_end_to_end import RETAIN, concepts, settings
-
-    e2e = settings(device)
-    rows = []
-    tol = 5e-2 if cfg["dtype"] == torch.bfloat16 else 1e-3
-    for n in cfg["e2e_concepts"]:
-        kw = dict(category="style", progress=False, templates=e2e["templates"], **e2e["collect"])
-        os.environ.pop("PURE_FAST_COMPILE_COLLECT", None)
-        case = f"{arch} PURE {n} concept(s), erase end to end"
-        base = {"bench": "compile", "table": "pure_compiled", "case": case,
-                "dtype": str(cfg["dtype"]).replace("torch.", "")}
-        pure_fast.erase(adapter, concepts(n), RETAIN, **kw) if n == cfg["e2e_concepts"][0] else None  # warm-up
-        common.sync(device)
-        t0 = time.perf_counter()
-        ref = pure_fast.erase(adapter, concepts(n), RETAIN, **kw)
-        common.sync(device)
-        t_eager = time.perf_counter() - t0
-        col = ref.stats.get("timings", {}).get("collect_s")
-        rows.append({**base, "provider": "eager", "ms": 1e3 * t_eager, "ratio": 1.0, "check": "reference",
-                     "note": f"collect {col:.3g} s" if col else ""})
-        for mode in cfg["e2e_modes"]:
-            os.environ["PURE_FAST_COMPILE_COLLECT"] = mode
-            try:
-                torch._dynamo.reset()
-                t0 = time.perf_counter()
-                pure_fast.erase(adapter, concepts(n), RETAIN, **kw)  # first run: compiles
-                common.sync(device)
-                first = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                edit = pure_fast.erase(adapter, concepts(n), RETAIN, **kw)
-                common.sync(device)
-                warm = time.perf_counter() - t0
-            finally:
-                os.environ.pop("PURE_FAST_COMPILE_COLLECT", None)
-                torch._dynamo.reset()
-            dist = _delta_distance(edit, ref)
-            if not dist <= tol:
-                raise AssertionError(f"{case}: compiled ({mode}) edit differs from eager: {dist:.3g} > {tol:g}")
-            col = edit.stats.get("timings", {}).get("collect_s")
-            rows.append({**base, "provider": f"compiled {mode}", "ms": 1e3 * warm, "ratio": t_eager / warm,
-                         "first_run_s": first, "compile_s": first - warm,
-                         "check": f"ΔW vs eager: rel {dist:.1e} <= {tol:g}",
-                         "note": f"collect {col:.3g} s; first run (compiling) {first:.1f} s"})
-            common.log(f"   {case}: compiled {mode} {t_eager / warm:.2f}x eager, first run {first:.1f} s")
     return rows
 
 
