@@ -257,6 +257,23 @@ def test_auto_rule_reads_the_measured_result(monkeypatch, tmp_path):
         pa._launch_config.cache_clear()
 
 
+def test_auto_rule_is_a_constant_for_the_compiler(monkeypatch):
+    """The CUDA decision (a device-name query, untraceable) is evaluated once while tracing: a fullgraph
+    compile of a caller does not break on it."""
+    import torch as _t
+
+    monkeypatch.setattr(_t.cuda, "get_device_name", lambda *a: "Fake GPU B")
+    monkeypatch.setattr(pa, "_tuned_entry", lambda name: {"default": "triton"} if name == "Fake GPU B" else {})
+
+    def f(x):
+        return x * 2 if pa._measured_default_cuda(0) == "triton" else x
+
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="eager", fullgraph=True)(torch.ones(3))
+    torch._dynamo.reset()
+    assert torch.equal(got, torch.full((3,), 2.0))
+
+
 def test_import_does_not_import_triton():
     code = (
         "import sys; import pure_fast; import pure_fast.ops.pooled_attention as m; "

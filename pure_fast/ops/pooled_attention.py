@@ -130,7 +130,14 @@ def measured_default(device: torch.device) -> str:
     ``bench_hook``'s decision set at >= ``bench_hook.WIN_RATIO``), else ``"torch"``; never triton off CUDA."""
     if device.type != "cuda":
         return "torch"
-    entry = _tuned_entry(torch.cuda.get_device_name(device))
+    return _measured_default_cuda(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@torch.compiler.assume_constant_result
+def _measured_default_cuda(index: int) -> str:
+    # a constant for torch.compile: evaluated once while tracing (the device-name query is not traceable),
+    # so the compiled collection's processors dispatch without a graph break
+    entry = _tuned_entry(torch.cuda.get_device_name(index))
     return "triton" if entry.get("default") == "triton" else "torch"
 
 
@@ -211,7 +218,7 @@ def _kernel():
         sp_b, sp_s,
         qk_scale, blocks_per_prog,
         BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-        FINAL: tl.constexpr, IEEE: tl.constexpr, IS_BF16: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        FINAL: tl.constexpr, IEEE: tl.constexpr, ROUND_BF16: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ):
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -258,11 +265,11 @@ def _kernel():
             p = tl.exp2(s - m[:, None])
             l = tl.sum(p, axis=1)
             # P in the value dtype for the second product (as flash attention does), fp32 accumulation
-            if IS_BF16:
-                # round to the nearest bf16 (ties to even) in fp32 bits, so that the later cast is exact.
-                # Hardware converts with RTNE anyway; the interpreter truncates (biased), so rounding
-                # explicitly keeps the compiled and interpreted paths identical. (Inline: the interpreter
-                # does not see helper functions defined in this closure.)
+            if ROUND_BF16:
+                # interpreter only: round to the nearest bf16 (ties to even) in fp32 bits, so that the later
+                # cast is exact. Hardware converts with RTNE (what the compiled kernel does with no extra
+                # work); the interpreter truncates (biased), so this keeps the two paths identical.
+                # (Inline: the interpreter does not see helper functions defined in this closure.)
                 pb = p.to(tl.uint32, bitcast=True)
                 pb = (pb + 0x7FFF + ((pb >> 16) & 1)) & 0xFFFF0000
                 p = pb.to(tl.float32, bitcast=True)
@@ -273,7 +280,7 @@ def _kernel():
             else:
                 acc = tl.dot(p.to(v.dtype), v)
             o = acc / l[:, None]
-            if IS_BF16:
+            if ROUND_BF16:
                 ob = o.to(tl.uint32, bitcast=True)
                 ob = (ob + 0x7FFF + ((ob >> 16) & 1)) & 0xFFFF0000
                 o = ob.to(tl.float32, bitcast=True)
@@ -384,7 +391,7 @@ def pooled_attention_triton(
         BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d,
         FINAL=final,
         IEEE=q.dtype == torch.float32,
-        IS_BF16=q.dtype == torch.bfloat16,
+        ROUND_BF16=_INTERPRETED and q.dtype == torch.bfloat16,
         UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16,
         num_warps=num_warps or tuned.get("num_warps") or 4,
         num_stages=num_stages or tuned.get("num_stages") or 2,
