@@ -125,6 +125,7 @@ def write_decision(rows: list[dict], configs: dict) -> dict:
         Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     pa._tuned_entry.cache_clear()
     pa._launch_config.cache_clear()
+    pa._DECISIONS.clear()
     return entry
 
 

@@ -240,33 +240,33 @@ def test_auto_rule_reads_the_measured_result(monkeypatch, tmp_path):
     f.write_text(json.dumps({"devices": {"Fake GPU A": {"default": "triton", "configs": {"64": {"block_n": 32}}},
                                          "Fake GPU B": {"default": "torch"}}}), encoding="utf-8")
     monkeypatch.setattr(pa, "TUNED_FILE", f)
+    monkeypatch.setattr(pa, "_DECISIONS", {})
     pa._tuned_entry.cache_clear()
     pa._launch_config.cache_clear()
     try:
         for name, want in (("Fake GPU A", "triton"), ("Fake GPU B", "torch"), ("Other", "torch")):
             monkeypatch.setattr(_t.cuda, "get_device_name", lambda *a, _n=name: _n)
+            pa._DECISIONS.clear()
             assert pa.measured_default(torch.device("cuda", 0)) == want
         assert pa.measured_default(torch.device("cpu")) == "torch"
         assert pa._launch_config("Fake GPU A", 64) == {"block_n": 32}
         monkeypatch.setattr(pa, "TUNED_FILE", tmp_path / "missing.json")
         pa._tuned_entry.cache_clear()
         monkeypatch.setattr(_t.cuda, "get_device_name", lambda *a: "Fake GPU A")
+        pa._DECISIONS.clear()
         assert pa.measured_default(torch.device("cuda", 0)) == "torch"
     finally:
         pa._tuned_entry.cache_clear()
         pa._launch_config.cache_clear()
 
 
-def test_auto_rule_is_a_constant_for_the_compiler(monkeypatch):
-    """The CUDA decision (a device-name query, untraceable) is evaluated once while tracing: a fullgraph
-    compile of a caller does not break on it."""
-    import torch as _t
-
-    monkeypatch.setattr(_t.cuda, "get_device_name", lambda *a: "Fake GPU B")
-    monkeypatch.setattr(pa, "_tuned_entry", lambda name: {"default": "triton"} if name == "Fake GPU B" else {})
+def test_auto_rule_traces_without_a_break_once_decided(monkeypatch):
+    """Once the CUDA decision is known for a device (``collect/compiled.py`` asks before compiling), a
+    fullgraph compile of a caller reads it without a graph break (the device-name query is not traced)."""
+    monkeypatch.setattr(pa, "_DECISIONS", {0: "triton"})
 
     def f(x):
-        return x * 2 if pa._measured_default_cuda(0) == "triton" else x
+        return x * 2 if pa.measured_default(torch.device("cuda", 0)) == "triton" else x
 
     torch._dynamo.reset()
     got = torch.compile(f, backend="eager", fullgraph=True)(torch.ones(3))

@@ -25,6 +25,7 @@ from ..errors import UsageError
 from ..ops.pooled_attention import pooled_attention
 from ..options import option
 from ..progress import progress_bar
+from . import compiled
 
 
 # ---- options --------------------------------------------------------------------------------------------
@@ -236,10 +237,8 @@ def installed_processors(layers: Sequence[CrossAttnLayer], make):
 
 def _maybe_compiled(adapter: ModelAdapter, recorder: Recorder):
     """The UNet compiled for the trajectory when ``PURE_FAST_COMPILE_COLLECT`` asks for it (collect/compiled.py)."""
-    from .compiled import compile_mode, compiled_unet
-
-    mode = compile_mode()
-    return compiled_unet(adapter.unet, recorder, mode) if mode else contextlib.nullcontext()
+    mode = compiled.compile_mode()
+    return compiled.compiled_unet(adapter.unet, recorder, mode) if mode else contextlib.nullcontext()
 
 
 # ---- the collection stage ---------------------------------------------------------------------------------

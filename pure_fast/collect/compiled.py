@@ -26,6 +26,8 @@ import os
 
 import torch
 
+from ..errors import UsageError
+
 MODES = {"": None, "0": None, "off": None, "1": "default", "default": "default",
          "reduce-overhead": "reduce-overhead", "cudagraphs": "reduce-overhead"}
 
@@ -34,8 +36,6 @@ def compile_mode() -> str | None:
     """The compile mode asked for by ``PURE_FAST_COMPILE_COLLECT`` (None: eager)."""
     value = os.environ.get("PURE_FAST_COMPILE_COLLECT", "").strip().lower()
     if value not in MODES:
-        from ..errors import UsageError
-
         raise UsageError(f"PURE_FAST_COMPILE_COLLECT={value!r} is not valid; use 0 (eager), 1 (torch.compile) "
                          "or reduce-overhead (torch.compile with CUDA graphs)")
     return MODES[value]
@@ -47,6 +47,10 @@ def compiled_unet(unet: torch.nn.Module, recorder, mode: str = "default", backen
 
     ``backend``: the ``torch.compile`` backend (tests use ``aot_eager``: the same graph without code
     generation)."""
+    from ..ops.pooled_attention import measured_default
+
+    device = next(unet.parameters()).device
+    measured_default(device)  # decided before tracing: the hook's dispatch then reads a dict (no graph break)
     kwargs = {"backend": backend}
     if mode != "default":
         kwargs["mode"] = mode

@@ -125,20 +125,22 @@ def _tuned_entry(device_name: str) -> dict:
     return entry if isinstance(entry, dict) else {}
 
 
+#: CUDA device index -> measured decision, filled on first use (and by ``collect/compiled.py`` before it
+#: compiles: a plain dict lookup traces without a graph break, the device-name query does not)
+_DECISIONS: dict[int, str] = {}
+
+
 def measured_default(device: torch.device) -> str:
     """``"triton"`` when the kernel measured faster than SDPA + mean on this GPU model (every case of
     ``bench_hook``'s decision set at >= ``bench_hook.WIN_RATIO``), else ``"torch"``; never triton off CUDA."""
     if device.type != "cuda":
         return "torch"
-    return _measured_default_cuda(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@torch.compiler.assume_constant_result
-def _measured_default_cuda(index: int) -> str:
-    # a constant for torch.compile: evaluated once while tracing (the device-name query is not traceable),
-    # so the compiled collection's processors dispatch without a graph break
-    entry = _tuned_entry(torch.cuda.get_device_name(index))
-    return "triton" if entry.get("default") == "triton" else "torch"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    decision = _DECISIONS.get(index)
+    if decision is None:
+        entry = _tuned_entry(torch.cuda.get_device_name(index))
+        decision = _DECISIONS[index] = "triton" if entry.get("default") == "triton" else "torch"
+    return decision
 
 
 @functools.lru_cache(maxsize=None)
