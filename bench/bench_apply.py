@@ -18,6 +18,9 @@ storage dtype), which the tolerance says is at most one ulp and rare.
 
 CPU: the K weights only (70 matrices, 170 M float64 entries) and the 1-concept ranks; CUDA: K and V
 (140 matrices, 341 M entries), 1 and 50 concepts, float64.
+
+Table ``shared_apply``: UCE / CURE's whole apply step on bf16 weights, the float64 route vs the fp32 route
+(:func:`shared_apply_rows`).
 """
 from __future__ import annotations
 
@@ -145,6 +148,70 @@ def run(device: str = "cpu") -> list[dict]:
     del weights, Ws
     if cuda:
         torch.cuda.empty_cache()
+    rows += shared_apply_rows(device, timing)
+    return rows
+
+
+def _old_new_values(edit, weights):
+    """``Edit.new_values`` as it was before the fp32 route: float64 for every weight, rounded once, one
+    finiteness check (and on CUDA one host sync) per weight."""
+    from pure_fast.ops.finite import finite_stats
+
+    out = Edit.rounded_new_weights(edit, weights)
+    for n, w in out.items():
+        if finite_stats(w)[0]:
+            raise AssertionError(f"{n} not finite")
+    return out
+
+
+def shared_apply_rows(device: str, timing: dict) -> list[dict]:
+    """Table ``shared_apply``: UCE / CURE's whole apply step (``SharedRightEdit.new_values``: the values
+    ``Edit.apply`` writes and the result fingerprint describes, finiteness checked) on bf16 SDXL K/V weights:
+    ``float64`` (the previous route: a float64 pass over every weight, a sync per weight on CUDA) vs ``fp32``
+    (``ops.apply_edit.shared_rounded_fp32`` + one batched finiteness check). Verified first: every fp32
+    element within half a bf16 ulp + the stated bound of the exact value; the check gives how many differ
+    from the float64 route's rounding. CPU: the 70 K weights; CUDA: all 140 K/V weights (682 MB bf16)."""
+    from pure_fast.edits.shared import SharedRightEdit
+
+    cuda = device == "cuda"
+    weights = {n: w.to(torch.bfloat16) for n, w in sdxl_weights(device, kv=cuda, seed=3).items()}
+    names = list(weights)
+    g = torch.Generator(device="cpu").manual_seed(4)
+    n_in = SDXL_SHAPES[0][1]
+    rows = []
+    for label, r in (("UCE 1 concept (r=1)", 1), ("CURE 50 concepts (r=150)", 150)):
+        U = torch.linalg.qr(torch.randn(n_in, r, generator=g, dtype=F64))[0]
+        V = -U * torch.linspace(1.0, 0.1, r, dtype=F64)
+        edit = SharedRightEdit(method="bench", family="sdxl", concepts={}, options={},
+                               shapes={n: tuple(w.shape) for n, w in weights.items()}, **SharedRightEdit.pack(U, V))
+        case = f"shared_right apply (new_values) SDXL {'K+V' if cuda else 'K'} {len(names)} weights, {label}"
+        base = {"bench": "apply", "table": "shared_apply", "case": case, "dtype": "bf16"}
+        old = _old_new_values(edit, weights)
+        new = edit.new_values(weights)
+        worst, differ, total = 0.0, 0, 0
+        for n in names:
+            w = weights[n]
+            exact = ae.shared_update_reference([w.double()], edit.U.double(), edit.V.double())[0]
+            ulp = torch.finfo(torch.bfloat16).eps * torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(1e-30))))
+            bound = ae.shared_fp32_error_bound(w, U=edit.U, V=edit.V)
+            excess = float(((new[n].double() - exact).abs() - 0.5 * ulp - bound).max())
+            if excess > 0:
+                raise AssertionError(f"{case}: fp32 route exceeds its stated bound by {excess:.3g} at {n}")
+            worst = max(worst, float(((new[n].double() - exact).abs() / ulp).max()))
+            differ += int((new[n] != old[n]).sum())
+            total += w.numel()
+            del exact, ulp, bound
+        check = (f"within 0.5 ulp + stated bound of exact (worst {worst:.2f} ulp); {differ} of {total / 1e6:.0f}M "
+                 "differ from the float64 route")
+        del old, new
+        common.log(f"   {case}: verified")
+        t_old = common.time_fn(lambda: _old_new_values(edit, weights), device, **timing)
+        rows.append({**base, "provider": "float64", **t_old, "ratio": 1.0, "check": "reference",
+                     "note": "float64 pass over every weight, rounded once; finiteness checked per weight"})
+        t_new = common.time_fn(lambda: edit.new_values(weights), device, **timing)
+        rows.append({**base, "provider": "fp32", **t_new, "ratio": t_old["ms"] / t_new["ms"], "check": check,
+                     "note": "W + (W U) V^T in fp32 (addmm), rounded once; one batched finiteness check"})
+    del weights
     return rows
 
 

@@ -1,23 +1,24 @@
-"""Does ``torch.compile`` (and, on CUDA, CUDA graphs) speed up the collection trajectory's UNet passes?
+"""Does ``torch.compile`` (and, on CUDA, CUDA graphs) speed up PURE's collection?
 
-The issue asks to make the trajectory fast with "whatever else holds up in measurement (CUDA graphs,
-``torch.compile``)". This measures it before anything ships: one UNet forward pass of a CFG batch at the
-collection shape, plain (default attention processors) and hooked (PURE's recording processors installed and
-recording), each eager vs compiled:
+Table ``compile`` — one UNet forward pass of a CFG batch at the collection shape, plain (default attention
+processors) and hooked (PURE's recording processors installed and recording), each eager vs compiled:
 
-* ``eager`` (baseline), ``compile`` (``torch.compile(unet)``, default inductor mode);
-* CUDA only: ``compile reduce-overhead`` (inductor with CUDA graphs) for the plain pass (the hooked pass
-  records into Python lists between graph pieces, which CUDA graphs cannot capture).
+* ``eager`` (baseline), ``compile default`` (``torch.compile``, inductor);
+* CUDA only: ``compile reduce-overhead`` (inductor with CUDA graphs), plain and hooked. The hooked pass
+  records through the deferred recorder (``collect/compiled.py``: each processor stores its pooled tensor in
+  a per-layer slot, flushed after the pass), so it compiles without graph breaks and CUDA graphs capture it.
 
 Every compiled provider is verified against the eager output first (fp32: 1e-4 relative; bf16: 2e-2, the
-rounding of a different kernel order through the whole UNet) and its first call (compilation) is reported
-separately from the steady-state median. The hooked compiled pass also checks that the recorded statistics
-equal the eager ones.
+rounding of a different kernel order through the whole UNet), the hooked one also on the recorded
+statistics; its first call (compilation) is reported separately from the steady-state median.
 
-CPU (measured, SD1.5 architecture, batch 12 x2 CFG at 64 px, fp32, 2 cores, two runs): compilation 106 s
-cold (12 s with inductor's cache warm), then 0.62-0.73x eager (plain) and 0.21-0.24x (hooked: graph breaks at
-every attn2 recording): it does not hold up, so the trajectory stays eager. CUDA: SD1.5 and SDXL architectures in bf16 at the collection defaults (256 / 512 px),
-batch 16 x2 CFG: pending a GPU (``bash bench/gpu/session.sh``); left out of a default CPU run.
+PURE end to end with compiled collection: ``bench_compile_e2e.py``.
+
+CPU (measured before the deferred recorder, SD1.5 architecture, batch 12 x2 CFG at 64 px, fp32, 2 cores,
+two runs): compilation 106 s cold (12 s with inductor's cache warm), then 0.62-0.73x eager (plain) and
+0.21-0.24x (hooked: the old recorder recompiled per call): it does not hold up, so collection stays eager on
+CPU. CUDA: SD1.5 and SDXL architectures in bf16 at the collection defaults (256 / 512 px), batch 16 x2 CFG:
+pending a GPU (``bash bench/gpu/session.sh compile``); left out of a default CPU run.
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _stats_snapshot(rec) -> list[torch.Tensor]:
+    rec.flush()
     return [s.matrix().clone() for s in rec.stats["a"]]
 
 
@@ -106,10 +108,17 @@ def run(device: str = "cpu") -> list[dict]:
                 t_eager = common.time_fn(lambda: forward(unet), device, **cfg["timing"])
                 rows.append({**base, "case": label, "provider": "eager", **t_eager, "ratio": 1.0,
                              "check": "reference"})
-                modes = ["default"] + (["reduce-overhead"] if device == "cuda" and not hooked else [])
+                modes = ["default"] + (["reduce-overhead"] if device == "cuda" else [])
                 for mode in modes:
                     torch._dynamo.reset()
-                    cu = torch.compile(unet, mode=None if mode == "default" else mode)
+                    compiled = torch.compile(unet, mode=None if mode == "default" else mode)
+
+                    def cu(*a, _c=compiled, _clone=mode == "reduce-overhead", **kw):
+                        out = _c(*a, **kw)  # deferred recorder: slots filled in the graph, added here
+                        rec.flush(clone=_clone)
+                        return out
+
+                    rec.deferred = hooked
                     rec.stats.clear()
                     t0 = time.perf_counter()
                     out = forward(cu)
@@ -131,7 +140,8 @@ def run(device: str = "cpu") -> list[dict]:
                                  "ratio": t_eager["ms"] / t_c["ms"], "check": check,
                                  "note": f"first call (compilation) {first_s:.1f} s"})
                     common.log(f"   {label}: compile {mode} {t_eager['ms'] / t_c['ms']:.2f}x eager")
-                    del cu
+                    rec.deferred = False
+                    del cu, compiled
             finally:
                 if ctx is not None:
                     ctx.__exit__(None, None, None)

@@ -30,8 +30,11 @@ README = BENCH_DIR / "README.md"
 # benchmarks left out of a default run (still run with --only NAME), per device, with the reason
 SKIP_BY_DEFAULT = {
     "cpu": {"pure_stages": "SD1.5 at 256 px takes 5-15 min on 2 CPU cores; bench_end_to_end covers the stages",
-            "compile": "torch.compile of the SD1.5 UNet takes minutes on 2 CPU cores (measured: slower than eager)"},
-    "cuda": {"pure_stages": "bench_end_to_end covers the same runs with verification and the collection floor"},
+            "compile": "torch.compile of the SD1.5 UNet takes minutes on 2 CPU cores (measured: slower than eager)",
+            "compile_e2e": "torch.compile of the SD1.5 UNet takes minutes on 2 CPU cores (measured: slower than eager)"},
+    "cuda": {"pure_stages": "bench_end_to_end covers the same runs with verification and the collection floor",
+             "compile_e2e": "PURE end to end compiled (SDXL + SD1.5, 50 concepts): several minutes; "
+                            "bash bench/gpu/session.sh issue16 runs it"},
 }
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 

@@ -258,3 +258,150 @@ def test_batched_on_cuda_within_stated_tolerance():
     got = ae.lowrank_update_batched([w.cuda() for w in Ws], [u.cuda() for u in ups], [d.cuda() for d in downs])
     for g_, w, u, d in zip(got, Ws, ups, downs):
         assert ((g_.cpu() - (w + u @ d)).abs() <= ae.lowrank_tolerance(w, u, d)).all()
+
+
+# ------------------------------------------------ fp32 shared update for 16-bit weights (UCE / CURE apply)
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One ulp of ``dtype`` at the float64 values ``x`` (the spacing of the binade of |x|; tiny at 0)."""
+    fi = torch.finfo(dtype)
+    e = torch.floor(torch.log2(x.abs().clamp_min(fi.tiny)))
+    return torch.exp2(e) * fi.eps
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shapes,r,dense", [
+    ([(67, 40), (1, 40), (130, 40)], 3, False),   # awkward rows, one input width
+    ([(13, 77)], 1, False),                        # rank one, odd width
+    ([(45, 256), (90, 256)], 9, False),            # a longer reduction
+    ([(33, 24), (7, 24)], 24, True),               # dense A (W A)
+])
+def test_shared_fp32_within_stated_bound_of_float64(dtype, shapes, r, dense):
+    """fp32 result vs the float64 reference: |fp32 - exact| <= bound before rounding, so after the one
+    rounding to the storage dtype every element is within half an ulp + the bound of the exact value, and
+    equals the float64 route's rounding except where the exact value is within the bound of a rounding
+    boundary (then one ulp apart; more ulps only where the result cancels to far below |W||U||V|, and still
+    within the bound)."""
+    g = _gen(5)
+    Ws = [torch.randn(*s, generator=g, dtype=F64).to(dtype) for s in shapes]
+    n = shapes[0][1]
+    U = (0.3 * torch.randn(n, r, generator=g, dtype=F64)).float()
+    V = (0.3 * torch.randn(n, r, generator=g, dtype=F64)).float()
+    A = (torch.eye(n, dtype=F64) + U.double() @ V.double().T).float() if dense else None
+    kw = dict(A=A) if dense else dict(U=U, V=V)
+    got = ae.shared_rounded_fp32(Ws, **kw)
+    ref = ae.right_multiply_reference([w.double() for w in Ws], A.double()) if dense else \
+        ae.shared_update_reference([w.double() for w in Ws], U.double(), V.double())
+    differ = total = 0
+    for w, out, exact in zip(Ws, got, ref):
+        assert out.dtype == dtype and out.shape == w.shape
+        bound = ae.shared_fp32_error_bound(w, **kw)
+        err = (out.double() - exact).abs()
+        assert bool((err <= 0.5 * _ulp(exact, dtype) + bound + ae.shared_tolerance(w.double(), **(
+            dict(A=A.double()) if dense else dict(U=U.double(), V=V.double())))).all())
+        rounded = exact.to(dtype)
+        diff = (out.double() - rounded.double()).abs()
+        # one ulp from the float64 route, or (where the result cancels far below |W||U||V|) the bound + one ulp
+        assert bool((diff <= _ulp(exact, dtype) * 1.0001 + bound).all())
+        differ += int((diff > 0).sum())
+        total += diff.numel()
+    assert differ <= max(2, total // 100)
+
+
+def test_shared_fp32_keeps_matmul_precision_setting():
+    prev = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        ae.shared_rounded_fp32([torch.randn(5, 8).bfloat16()], U=torch.randn(8, 2), V=torch.randn(8, 2))
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+def test_first_nonfinite_finds_the_first_bad_tensor():
+    from pure_fast.ops.finite import first_nonfinite
+
+    ts = [torch.randn(3, 4), torch.randn(2, 2).bfloat16(), torch.randn(5)]
+    assert first_nonfinite(ts) is None
+    ts[2][1] = float("inf")
+    assert first_nonfinite(ts) == 2
+    ts[1][0, 0] = float("nan")
+    assert first_nonfinite(ts) == 1
+
+
+def _bf16_shared_edit(tiny_sd1, scale=0.2):
+    import copy
+
+    from pure_fast.api import stamp_fingerprints
+    from pure_fast.edits.edit import kv_weights
+    from pure_fast.edits.shared import SharedRightEdit
+
+    unet = copy.deepcopy(tiny_sd1.unet).to(torch.bfloat16)
+    kv = kv_weights(unet)
+    d_in = next(iter(kv.values())).shape[1]
+    g = _gen(7)
+    U, V = scale * torch.randn(d_in, 3, generator=g), scale * torch.randn(d_in, 3, generator=g)
+    e = SharedRightEdit(method="uce", family="sd1", concepts={"forget": ["c"]}, options={},
+                        shapes={n: tuple(w.shape) for n, w in kv.items()}, **SharedRightEdit.pack(U, V))
+    stamp_fingerprints(e, unet)
+    return e, unet
+
+
+def test_shared_edit_on_bf16_model_fp32_route_fingerprint_and_revert(tiny_sd1):
+    """A shared edit on a bf16 UNet writes the fp32 route's values (no float64 pass), the recorded result
+    fingerprint describes exactly what is written, every weight is within one ulp of the float64 route, and
+    revert is bit-exact."""
+    from pure_fast.edits import fingerprint as fp
+    from pure_fast.edits.edit import Edit, kv_weights
+
+    e, unet = _bf16_shared_edit(tiny_sd1)
+    before = {n: w.detach().clone() for n, w in kv_weights(unet).items()}
+    e.apply(unet)
+    after = kv_weights(unet)
+    assert fp.matches(e.result_fingerprint, after)
+    fp64 = Edit.rounded_new_weights(e, before)  # the base class's float64 route
+    fp32 = ae.shared_rounded_fp32([before[n] for n in e.target_weights()], U=e.U, V=e.V)
+    for name, want in zip(e.target_weights(), fp32):
+        assert torch.equal(after[name].detach(), want)
+        d = (after[name].double() - fp64[name].double()).abs()
+        w = before[name]
+        assert bool((d <= _ulp(fp64[name].double(), torch.bfloat16) * 1.0001
+                     + ae.shared_fp32_error_bound(w, U=e.U, V=e.V)).all())
+    e.revert(unet)
+    assert all(torch.equal(w.detach(), before[n]) for n, w in kv_weights(unet).items())
+
+
+def test_shared_edit_non_finite_result_is_refused_with_the_weight_named(tiny_sd1):
+    from pure_fast.edits.edit import kv_weights
+    from pure_fast.errors import NumericalError
+
+    e, unet = _bf16_shared_edit(tiny_sd1)
+    e.U, e.V = e.U * 1e30, e.V * 1e30  # finite factors, overflowing products
+    before = {n: w.detach().clone() for n, w in kv_weights(unet).items()}
+    with pytest.raises(NumericalError, match=r"makes .*to_[kv]\.weight non-finite; the model was not changed"):
+        e.apply(unet, check=False)
+    assert all(torch.equal(w.detach(), before[n]) for n, w in kv_weights(unet).items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shared_fp32_on_cuda_sdxl_shape_with_tf32_on():
+    """On CUDA at an SDXL K/V shape, with TF32 allowed globally (it must not leak into the fp32 route):
+    within the stated bound of the float64 result; the batched finiteness check needs no per-weight sync."""
+    from pure_fast.ops.finite import first_nonfinite
+
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        g = _gen(9)
+        Ws = [torch.randn(1280, 2048, generator=g, dtype=F64).mul_(0.02).to(torch.bfloat16) for _ in range(3)]
+        U, V = torch.randn(2048, 10, generator=g), 0.05 * torch.randn(2048, 10, generator=g)
+        got = ae.shared_rounded_fp32([w.cuda() for w in Ws], U=U, V=V)
+        assert first_nonfinite(got) is None
+        for w, out in zip(Ws, got):
+            exact = w.double() + (w.double() @ U.double()) @ V.double().T
+            err = (out.cpu().double() - exact).abs()
+            assert bool((err <= 0.5 * _ulp(exact, torch.bfloat16) + ae.shared_fp32_error_bound(w, U=U, V=V)).all())
+        got[1][3, 5] = float("nan")
+        assert first_nonfinite(got) == 1
+    finally:
+        torch.set_float32_matmul_precision(prev)

@@ -12,6 +12,14 @@
 #                CURE, SPACE both Y M routes, collection vs plain passes, FISTA fraction of bf16 peak)
 #   compile    : bench_compile (torch.compile and CUDA graphs on the UNet pass, plain and hooked)
 #   all        : all three (needs more than one 10-minute call on an H100; use them one by one)
+#   issue16    : issue 16's GPU check in ONE call, under an internal budget (ISSUE16_BUDGET_S, default 560 s),
+#                parts in priority order, each skipped with a logged line when the budget cannot cover it:
+#                pytest -m gpu of the files issue 16 touched (fused kernel, custom op under CUDA graphs,
+#                fp32 shared apply, compiled collection), bench hook (kernel vs SDPA + mean at SDXL attn2
+#                bf16 B16-64; writes the per-GPU decision pure_fast/ops/pooled_attention_tuned.json) and
+#                apply (shared_apply: UCE/CURE's apply, float64 vs fp32 route), then compile_e2e (PURE end to
+#                end, compiled collection vs eager: SDXL 1 + 50 concepts, SD1.5 50). If the budget ran out
+#                before compile_e2e finished: `bash bench/gpu/session.sh issue16_compile` runs it alone.
 # Results come back under $OUT (at most 8 files): the GPU results JSON, bench/README.md with its tables
 # regenerated, the test log and this script's log. Commit them to bench/results/ and bench/README.md.
 # DEVICE=cpu (with PY=.venv/bin/python, BENCHES=hook) dry-runs the plumbing on a machine without a GPU.
@@ -53,6 +61,24 @@ if [ "$what" = end_to_end ] || [ "$what" = all ]; then
 fi
 if [ "$what" = compile ] || [ "$what" = all ]; then
   $PY bench/run_all.py --device "$DEVICE" --only compile || status=1
+fi
+if [ "$what" = issue16 ]; then
+  budget=${ISSUE16_BUDGET_S:-560}
+  left() { echo $(( budget - SECONDS )); }
+  part() {  # part NAME MIN_SECONDS COMMAND...: run under the remaining budget, or log that it was skipped
+    local name=$1 need=$2; shift 2
+    if [ "$(left)" -lt "$need" ]; then echo "== issue16: $name skipped ($(left) s left, needs >= $need s)"; status=1; return; fi
+    echo "== issue16: $name ($(left) s left)"
+    timeout "$(left)" "$@" || { echo "== issue16: $name failed or ran out of time (rc $?)"; status=1; }
+  }
+  part tests 60 bash -c "$PY -m pytest -q -m gpu -p no:cacheprovider tests/test_ops_pooled_attention.py \
+      tests/test_apply_edit.py tests/test_collect_compiled.py 2>&1 | tee '$OUT/gpu_tests_issue16.txt' | tail -25; exit \${PIPESTATUS[0]}"
+  part hook_apply 60 $PY bench/run_all.py --device "$DEVICE" --only hook,apply
+  [ -f pure_fast/ops/pooled_attention_tuned.json ] && cp pure_fast/ops/pooled_attention_tuned.json "$OUT/"
+  part compile_e2e 240 $PY bench/run_all.py --device "$DEVICE" --only compile_e2e
+fi
+if [ "$what" = issue16_compile ]; then
+  $PY bench/run_all.py --device "$DEVICE" --only compile_e2e || status=1
 fi
 for f in bench/results/*.json; do
   case "$f" in *amd-epyc*|*quality*|*probe*|*storage*|*memory*) ;; *) cp "$f" "$OUT/" ;; esac

@@ -25,6 +25,7 @@ from ..errors import UsageError
 from ..ops.pooled_attention import pooled_attention
 from ..options import option
 from ..progress import progress_bar
+from . import compiled
 
 
 # ---- options --------------------------------------------------------------------------------------------
@@ -119,6 +120,9 @@ class Recorder:
         self.cond_slice = slice(None)
         self._groups: list[str] = []
         self.spans: list[tuple[str, int, int]] = []
+        # compiled collection (collect/compiled.py): processors store into one slot per layer, flush() adds
+        self.deferred = False
+        self.pending: list[torch.Tensor | None] = [None] * len(self.layers)
 
     @property
     def groups(self) -> list[str]:
@@ -143,6 +147,19 @@ class Recorder:
     def record(self, layer_index: int, pooled: torch.Tensor) -> None:
         if not self.active:
             return
+        if self.deferred:
+            self.pending[layer_index] = pooled
+            return
+        self._add(layer_index, pooled)
+
+    def flush(self, clone: bool = False) -> None:
+        """Add the deferred slots to the statistics in layer order (``clone``: copy them first)."""
+        for i, pooled in enumerate(self.pending):
+            if pooled is not None:
+                self.pending[i] = None
+                self._add(i, pooled.clone() if clone else pooled)
+
+    def _add(self, layer_index: int, pooled: torch.Tensor) -> None:
         rows = pooled[self.cond_slice]
         if len(self.spans) == 1:
             self._group_stats(self.spans[0][0])[layer_index].add(rows)
@@ -218,6 +235,12 @@ def installed_processors(layers: Sequence[CrossAttnLayer], make):
             layer.module.set_processor(proc)
 
 
+def _maybe_compiled(adapter: ModelAdapter, recorder: Recorder):
+    """The UNet compiled for the trajectory when ``PURE_FAST_COMPILE_COLLECT`` asks for it (collect/compiled.py)."""
+    mode = compiled.compile_mode()
+    return compiled.compiled_unet(adapter.unet, recorder, mode) if mode else contextlib.nullcontext()
+
+
 # ---- the collection stage ---------------------------------------------------------------------------------
 @dataclass
 class Activations:
@@ -252,6 +275,7 @@ def collect_activations(
 
     n_batches = -(-len(samples) // opts.batch_size)
     with torch.no_grad(), installed_processors(layers, lambda i, l: PooledCrossAttnProcessor(i, recorder)), \
+            _maybe_compiled(adapter, recorder), \
             progress_bar(total=n_batches * n_steps, desc="collect", enabled=progress, unit="step") as bar:
 
         def on_step(i, t):  # before each UNet call: the bar counts denoising steps

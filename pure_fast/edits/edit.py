@@ -5,7 +5,8 @@
 
 Applying checks that the model is the one the edit was made for (fingerprint of its K/V weights, or the
 chain of edits already applied on it), that every tensor fits the model's layers and is finite, then
-writes the new weights (computed in float64 and rounded once, so the result is the same on any device)
+writes the new weights (computed in float64 and rounded once, so the result is the same on any device; the
+shared right-matrix kind computes 16-bit weights in fp32 within a stated bound, see edits/shared.py)
 and keeps the old ones, so ``revert`` restores them bit-exactly. Applied edits form a stack per UNet.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .. import __version__
 from ..adapters.layers import find_cross_attention_layers
 from ..errors import EditFileError, FingerprintMismatch, NumericalError
 from ..ops.apply_edit import apply_lowrank
-from ..ops.finite import finite_stats
+from ..ops.finite import finite_stats, first_nonfinite
 from . import fingerprint as fp
 from .io import KINDS, load_edit, register, save_edit  # noqa: F401 - KINDS and register: the kinds' registry
 
@@ -163,21 +164,28 @@ class Edit:
             f"the K/V weights {where}; apply it to the model it was made from (or pass force=True / --force)"
         )
 
+    def rounded_new_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """target name -> new weight in the weight's dtype (no checks). Default: :meth:`new_weights` in
+        float64, rounded once, so the result does not depend on the device. Kinds with a cheaper update that
+        is exact enough override it (``SharedRightEdit`` for 16-bit weights)."""
+        names = self.target_weights()
+        computed = dict(self.new_weights({n: weights[n].detach().to(torch.float64) for n in names}))
+        return {name: computed.pop(name).to(weights[name].dtype) for name in names}  # pop: float64 freed as we go
+
     @torch.no_grad()
     def new_values(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The values ``apply`` writes: target name -> new weight in the weight's dtype (the model untouched).
 
-        Computed in float64, rounded once; raises NumericalError when a result is not finite. ``weights``:
-        the model's K/V weights (``validate_against``'s result).
+        :meth:`rounded_new_weights`; raises NumericalError when a result is not finite (checked for all
+        weights at once: one host synchronisation on CUDA). ``weights``: the model's K/V weights
+        (``validate_against``'s result). ``stamp_fingerprints`` takes the result fingerprint over exactly
+        these values.
         """
-        names = self.target_weights()
-        computed = dict(self.new_weights({n: weights[n].detach().to(torch.float64) for n in names}))
-        new_values = {}
-        for name in names:
-            new = computed.pop(name).to(weights[name].dtype)  # pop: float64 results freed as we go
-            if finite_stats(new)[0]:
-                raise NumericalError(f"applying the edit makes {name} non-finite; the model was not changed")
-            new_values[name] = new
+        new_values = self.rounded_new_weights(weights)
+        names = list(new_values)
+        bad = first_nonfinite([new_values[n] for n in names])
+        if bad is not None:
+            raise NumericalError(f"applying the edit makes {names[bad]} non-finite; the model was not changed")
         return new_values
 
     @torch.no_grad()

@@ -12,10 +12,13 @@ factors ``A = I + U V^T`` (``U``, ``V``: ``[d_in, r]``), which is *exact* (no tr
 algebraic rank of the update). When ``r`` would not save space (``2 r >= d_in``) the dense ``A`` is stored
 instead (``A`` tensor, ``U``/``V`` absent). The factors are tiny (SDXL, 10 tokens: 2 x 2048 x 10 floats).
 
-Applying (``ops.apply_edit.apply_shared``): the rows of every weight of one input width are concatenated
-and updated in float64 by two thin GEMMs, ``W + (W U) V^T`` (never a d_in x d_in product per layer), or one
-``W A`` in the dense case, in memory-bounded chunks; the base class rounds once to the model dtype and keeps backups (bit-exact
-revert). Storage: float32 factors (as ``LowRankEdit``).
+Applying: fp32 / fp64 weights go through ``ops.apply_edit.apply_shared`` in float64, ``W + (W U) V^T``
+(two thin GEMMs, never a d_in x d_in product per layer) or one ``W A`` in the dense case, rounded once to
+the model dtype. 16-bit weights (fp16 / bf16 models) skip the float64 pass: ``W + (W U) V^T`` in fp32 with
+fp32 accumulation, rounded once (``ops.apply_edit.shared_rounded_fp32``; elementwise error before rounding
+<= ``(n + r + 2) eps32 |W| |U| |V|^T + eps32 |W|``: one storage ulp from the float64 route at most, except
+where the result cancels far below ``|W||U||V|``, where the bound applies). The base class
+keeps backups (bit-exact revert), and the result fingerprint is taken over these same values. Storage: float32 factors (as ``LowRankEdit``).
 
 ``layer_factors(current)`` gives per-weight LoRA-style factors ``(up = W U, down = V^T)`` for exporters: the
 per-layer change ``ΔW = (W U) V^T`` is exactly rank r.
@@ -29,7 +32,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import EditFileError
-from ..ops.apply_edit import apply_shared
+from ..ops.apply_edit import LOW_PRECISION_STORAGE, apply_shared, shared_rounded_fp32
 from .edit import Edit, _common_fields, register
 
 
@@ -93,6 +96,16 @@ class SharedRightEdit(Edit):
         if self.A is not None:
             return apply_shared(current, A=self.A.to(torch.float64))
         return apply_shared(current, U=self.U.to(torch.float64), V=self.V.to(torch.float64))
+
+    def rounded_new_weights(self, weights):
+        """16-bit weights (fp16 / bf16): the update in fp32, rounded once (``ops.apply_edit.shared_rounded_fp32``:
+        no float64 pass; error bound stated there). Other
+        dtypes (fp32 models): the float64 route of the base class, as before."""
+        names = self.target_weights()
+        if not all(weights[n].dtype in LOW_PRECISION_STORAGE for n in names):
+            return super().rounded_new_weights(weights)
+        new = shared_rounded_fp32([weights[n].detach() for n in names], U=self.U, V=self.V, A=self.A)
+        return dict(zip(names, new))
 
     def delta(self, name, current):
         w = current.detach().to(torch.float64)
