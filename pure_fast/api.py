@@ -10,6 +10,7 @@ import os
 import time
 from typing import Sequence
 
+from . import distributed
 from .adapters import ModelAdapter, load_model, wrap_pipeline
 from .adapters.loading import is_toy_spec
 from .edits import fingerprint as fp
@@ -63,6 +64,7 @@ def run_erase(ctx: EraseContext, model, *, progress: bool = True, fingerprint: b
     ctx.bind(adapter, progress)
     base = start_base_fingerprint(adapter) if fingerprint else None
     t0 = time.perf_counter()
+    distributed.take_records()  # inside a process group: how this erase's work is split across ranks
     try:
         edit = ctx.run()
     except BaseException:
@@ -74,6 +76,8 @@ def run_erase(ctx: EraseContext, model, *, progress: bool = True, fingerprint: b
     if ctx.category:
         edit.options["category"] = ctx.category
     edit.stats.setdefault("timings", {})["total_s"] = time.perf_counter() - t0
+    if distributed.active():
+        edit.stats["distributed"] = distributed.run_summary(distributed.take_records())
     if fingerprint:
         t1 = time.perf_counter()
         stamp_fingerprints(edit, adapter, base=base)

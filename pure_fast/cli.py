@@ -10,10 +10,10 @@ import os
 import sys
 import time
 
-from . import api
+from . import api, distributed
 from .adapters import load_model
 from .adapters.loading import is_toy_spec
-from .errors import PureFastError, UsageError
+from .errors import PureFastError, UsageError, one_line
 from .methods import EraseContext, get_method, method_names
 from .options import option_specs
 
@@ -237,11 +237,16 @@ def cmd_erase(args) -> int:
     ctx = EraseContext.prepare(args.method, args.forget, args.retain, category=args.category,
                                templates=args.templates, values=_method_option_values(args),
                                toy=is_toy_spec(args.model))
-    out = edit_out_path(args.out)
+    # under torchrun only rank 0 writes (other nodes may not have the folder)
+    out = edit_out_path(args.out) if distributed.is_writer() else os.path.abspath(args.out)
     t0 = time.perf_counter()
-    model = load_model(args.model, config=args.config, device=args.device, dtype=args.dtype)
+    with distributed.stage("load"):  # a failure on any rank stops every rank here, before the work
+        model = load_model(args.model, config=args.config, device=args.device, dtype=args.dtype)
     t1 = time.perf_counter()
-    edit = api.run_erase(ctx, model, progress=not (args.quiet or args.json))
+    with distributed.stage("erase"):  # every rank builds the edit; nothing is written unless all succeeded
+        edit = api.run_erase(ctx, model, progress=not (args.quiet or args.json))
+    if not distributed.is_writer():
+        return 0
     t2 = time.perf_counter()
     edit.save(out)
     timings = {"load_s": t1 - t0, **edit.stats.get("timings", {}), "save_s": time.perf_counter() - t2}
@@ -401,10 +406,12 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--batch-size {args.batch_size} must be >= 1")
     edits = _load_edits(args.edit)
     out = os.path.abspath(args.out_dir)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    if distributed.is_writer() and os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UsageError(f"--out-dir {args.out_dir} exists and is not empty; choose a new folder")
-    make_parents(out, "--out-dir")
-    model = load_model(args.model, config=args.config, device=args.device, dtype=args.dtype)
+    if distributed.is_writer():
+        make_parents(out, "--out-dir")
+    with distributed.stage("load"):
+        model = load_model(args.model, config=args.config, device=args.device, dtype=args.dtype)
     if edits:
         _check_edits_fit(model, edits, args.edit, args.force)  # before any rendering
     _warn_truncated(model, prompts)
@@ -421,6 +428,8 @@ def cmd_generate(args) -> int:
             revert_all(model)
     else:
         sets[""] = model.generate(prompts, seeds, **kw)
+    if not distributed.is_writer():  # rank 0 writes every rank's images
+        return 0
     if os.path.isdir(out):
         os.rmdir(out)
     with atomic_dir(out) as tmp:
@@ -440,7 +449,8 @@ def cmd_generate(args) -> int:
         g.save(os.path.join(tmp, "grid.png"))
         with open(os.path.join(tmp, "prompts.json"), "w", encoding="utf-8") as f:
             json.dump({"prompts": prompts, "seeds": seeds, "steps": args.steps, "size": args.size or model.default_size,
-                       "guidance": args.guidance, "edits": args.edit}, f, indent=2)
+                       "guidance": args.guidance, "edits": args.edit, "world_size": distributed.processes()},
+                      f, indent=2)
     summary = {"out_dir": out, "images": len(prompts) * len(seeds) * len(sets), "grid": os.path.join(out, "grid.png"),
                "elapsed_s": command_seconds()}
     _emit(args, summary, f"wrote {summary['images']} images and {summary['grid']} in {summary['elapsed_s']:.1f} s")
@@ -471,6 +481,10 @@ def cmd_inspect(args) -> int:
         lines.append(f"ranks     {info['rank_min']}..{info['rank_max']}")
     if info.get("details"):
         lines.append(f"details   {info['details']}")
+    run = e.stats.get("distributed") if isinstance(e.stats, dict) else None
+    if isinstance(run, dict) and "world_size" in run:
+        lines.append(f"run       {run['world_size']} processes (torch.distributed), samples per rank: "
+                     f"{', '.join(str(n) for n in run.get('samples_per_rank', []))}")
     lines.append(f"base      {fp.short(e.base_fingerprint)}")
     lines.append(f"result    {fp.short(e.result_fingerprint)}")
     opts = {k: v for k, v in e.options.items() if k != "collect"}
@@ -531,16 +545,17 @@ def main(argv=None) -> int:
         from .cli_more import MORE_COMMANDS
 
         handler = COMMANDS.get(args.command) or MORE_COMMANDS[args.command]
-        rc = handler(args)
+        with distributed.cli_session(args.command, args):  # torchrun / accelerate launch: one job, N processes
+            rc = handler(args)
         return rc
     except PureFastError as exc:
         if debug:
             raise
-        print(f"pure-fast: error: {exc}", file=sys.stderr)
+        print(f"pure-fast: error: {distributed.rank_prefix()}{exc}", file=sys.stderr)
         rc = exc.exit_code
         return rc
     except KeyboardInterrupt:
-        print("pure-fast: interrupted (no partial output was kept)", file=sys.stderr)
+        print(f"pure-fast: {distributed.rank_prefix()}interrupted (no partial output was kept)", file=sys.stderr)
         rc = 130
         return rc
     except ModuleNotFoundError as exc:
@@ -552,24 +567,12 @@ def main(argv=None) -> int:
         print(f"pure-fast: error: {msg or f'unexpected ModuleNotFoundError: {exc} (rerun with --debug for details)'}",
               file=sys.stderr)
         return 1
-    except MemoryError:
+    except Exception as exc:  # noqa: BLE001 - last resort (out of memory, the unexpected): still one line
         if debug:
             raise
-        print("pure-fast: error: out of memory; lower --batch-size (or --size)", file=sys.stderr)
-        return 1
-    except Exception as exc:  # noqa: BLE001 - last resort: still one line
-        import torch
-
-        if debug:
-            raise
-        text = str(exc).lower()
-        if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text:
-            print("pure-fast: error: the device ran out of memory; lower --batch-size (or --size)", file=sys.stderr)
-            return 1
-        msg = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"pure-fast: error: unexpected {type(exc).__name__}: {msg} (rerun with --debug for details)",
-              file=sys.stderr)
-        return 1
+        rc, line = one_line(exc)
+        print(f"pure-fast: error: {distributed.rank_prefix()}{line}", file=sys.stderr)
+        return rc
     finally:
         if rc != 0:
             _remove_created_dirs()

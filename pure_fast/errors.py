@@ -27,3 +27,22 @@ class FingerprintMismatch(EditFileError):
 
 class NumericalError(PureFastError):
     """Non-finite values where finite ones are required."""
+
+
+def one_line(exc: BaseException) -> tuple[int, str]:
+    """(exit code, the one line the CLI prints after 'pure-fast: error: ') for any exception."""
+    if isinstance(exc, PureFastError):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, MemoryError):
+        return 1, "out of memory; lower --batch-size (or --size)"
+    text = str(exc)
+    try:
+        import torch
+
+        oom = isinstance(exc, torch.cuda.OutOfMemoryError)
+    except Exception:  # noqa: BLE001 - torch unavailable: only the message can tell
+        oom = False
+    if oom or "out of memory" in text.lower() or "can't allocate memory" in text.lower():
+        return 1, "the device ran out of memory; lower --batch-size (or --size)"
+    msg = text.splitlines()[0] if text else ""
+    return 1, f"unexpected {type(exc).__name__}: {msg} (rerun with --debug for details)"

@@ -21,7 +21,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..progress import progress_bar
 from .layers import CrossAttnLayer, find_cross_attention_layers
 from .schedulers import make_scheduler
 
@@ -208,13 +207,19 @@ class ModelAdapter:
     ) -> list[list[Any]]:
         """Images[i][j] for prompt i and seed j (PIL). Same seeds -> same noise, with or without an edit.
 
-        The progress bar counts denoising steps (UNet calls of every batch), the work that takes the time."""
+        The progress bar counts denoising steps (UNet calls of every batch), the work that takes the time.
+        Inside a torch.distributed process group each rank runs a contiguous block of the batches and every
+        rank receives all images (``pure_fast.distributed``): the same images as one process."""
+        from .. import distributed
+
         pairs = [(i, j) for i in range(len(prompts)) for j in range(len(seeds))]
         images: list[list[Any]] = [[None] * len(seeds) for _ in prompts]
-        n_batches = -(-len(pairs) // batch_size)
-        with torch.no_grad(), progress_bar(total=n_batches * steps, desc=desc, enabled=progress,
-                                           unit="step") as bar:
-            for start in range(0, len(pairs), batch_size):
+        starts = range(0, len(pairs), batch_size)
+        mine = distributed.split([len(pairs[s : s + batch_size]) for s in starts], "generate")
+        done = []
+        with torch.no_grad(), distributed.progress_bar(total=len(starts) * steps, desc=desc, enabled=progress,
+                                                       unit="step") as bar, distributed.stage("generate"):
+            for start in (starts[b] for b in mine):
                 chunk = pairs[start : start + batch_size]
                 cond = self.encode([prompts[i] for i, _ in chunk])
                 lat = self.denoise(
@@ -223,4 +228,7 @@ class ModelAdapter:
                 )
                 for (i, j), img in zip(chunk, self.decode(lat)):
                     images[i][j] = img
+                    done.append((i, j))
+        if distributed.active():
+            distributed.gather_images(images, done)
         return images

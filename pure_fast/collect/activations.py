@@ -24,7 +24,6 @@ from ..adapters.base import CrossAttnLayer, ModelAdapter
 from ..errors import UsageError
 from ..ops.pooled_attention import pooled_attention
 from ..options import option
-from ..progress import progress_bar
 from . import compiled
 
 
@@ -264,7 +263,12 @@ def collect_activations(
     progress: bool = True,
 ) -> Activations:
     """Run the collection trajectory for every prompt of every group and return the pooled statistics.
-    ``options`` are taken as validated (``options.validate_options``, run once where options are built)."""
+    ``options`` are taken as validated (``options.validate_options``, run once where options are built).
+
+    Inside a torch.distributed process group each rank runs a contiguous block of the batches and the
+    statistics are merged on every rank (``pure_fast.distributed``: the single-process result)."""
+    from .. import distributed
+
     opts = options or CollectOptions()
     layers = adapter.cross_attention_layers()
     recorder = Recorder(layers, opts.max_rows)
@@ -272,17 +276,18 @@ def collect_activations(
     guidance = adapter.default_guidance if opts.guidance_scale is None else opts.guidance_scale
     size = opts.size or adapter.default_collect_size
     n_steps = opts.steps if opts.record_steps is None else opts.record_steps
-
-    n_batches = -(-len(samples) // opts.batch_size)
+    starts = range(0, len(samples), opts.batch_size)
+    mine = distributed.split([len(samples[s : s + opts.batch_size]) for s in starts], "collect")
     with torch.no_grad(), installed_processors(layers, lambda i, l: PooledCrossAttnProcessor(i, recorder)), \
             _maybe_compiled(adapter, recorder), \
-            progress_bar(total=n_batches * n_steps, desc="collect", enabled=progress, unit="step") as bar:
+            distributed.progress_bar(total=len(starts) * n_steps, desc="collect", enabled=progress, unit="step") as bar, \
+            distributed.stage("collect"):
 
         def on_step(i, t):  # before each UNet call: the bar counts denoising steps
             recorder.active = True
             bar.update(1)
 
-        for start in range(0, len(samples), opts.batch_size):
+        for start in (starts[b] for b in mine):
             chunk = samples[start : start + opts.batch_size]
             unique_prompts = list(dict.fromkeys(p for _, p, _ in chunk))
             enc = adapter.encode(unique_prompts)
@@ -298,4 +303,6 @@ def collect_activations(
     # groups with no prompts still get (empty) statistics
     for g in prompt_groups:
         recorder._group_stats(g)
-    return Activations(layers, recorder.stats, opts)
+    order = list(dict.fromkeys([g for g, _, _ in samples] + list(prompt_groups)))
+    stats = distributed.merge_group_stats(recorder.stats, order, adapter.device)
+    return Activations(layers, stats, opts)
