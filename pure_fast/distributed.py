@@ -251,10 +251,12 @@ def _collective(what: str, fn: Callable, *a, **kw):
     except PureFastError:
         raise
     except Exception as exc:  # noqa: BLE001 - DistBackendError, RuntimeError (gloo: connection closed / timeout)
+        import re
+
         _state.failure_known = True
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", _first_line(exc)).split(". This is typically")[0]
         raise PeerLost(f"lost contact with another process during {what} (it crashed, was killed or timed out "
-                       f"after {timeout_s():.0f} s: PURE_FAST_DIST_TIMEOUT): {type(exc).__name__}: "
-                       f"{_first_line(exc)}") from None
+                       f"after {timeout_s():.0f} s: PURE_FAST_DIST_TIMEOUT): {detail}") from None
 
 
 def exchange_status(error: BaseException | None) -> list[tuple[int, str]]:

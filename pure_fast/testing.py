@@ -252,3 +252,44 @@ def build_architecture_pipeline(name: str = "sd15", dtype: torch.dtype = torch.f
         tokenizer=clip_tokenizer(), unet=unet, scheduler=_ddim("epsilon" if name == "sd15" else "v_prediction"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+# ---- several processes on one machine (tests, bench/bench_distributed.py) ----------------------------------
+def free_port() -> int:
+    """A TCP port free on localhost now (for MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_entry(rank: int, world: int, port: int, threads: int, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), PURE_FAST_PROGRESS="0",
+                      HF_HUB_OFFLINE="1")
+    torch.set_num_threads(threads)
+    fn(rank, *args)
+
+
+def run_ranks(fn, args: tuple = (), world: int = 2, timeout: float = 600, threads: int = 1) -> list:
+    """Run ``fn(rank, *args)`` in ``world`` fresh processes with the environment torchrun sets (localhost,
+    a free port); returns their exit codes (None: still running at ``timeout``, then killed).
+    ``fn`` must be importable by name (a module-level function)."""
+    import multiprocessing
+    import time
+
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_rank_entry, args=(r, world, port, threads, fn, args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return codes

@@ -449,7 +449,12 @@ def json_ready(obj):
 # ---- the benchmark --------------------------------------------------------------------------------------
 def bench_quality(adapter, methods: Sequence[str] | None = None, concepts: dict[str, list[str]] | None = None,
                   settings: EvalSettings | None = None, *, progress: bool = True, command: str | None = None) -> dict:
-    """Every method (plus 'none' first) on every concept (each erased alone, retain = its neighbours)."""
+    """Every method (plus 'none' first) on every concept (each erased alone, retain = its neighbours).
+
+    In a torch.distributed process group the (method, concept) jobs are dealt over the ranks, each computed
+    exactly as here, and gathered in order on every rank (``distributed.map_jobs``): the same numbers."""
+    from .. import distributed
+
     t0 = time.perf_counter()
     s = settings or EvalSettings()
     concepts = concepts or BENCH_CONCEPTS
@@ -460,17 +465,17 @@ def bench_quality(adapter, methods: Sequence[str] | None = None, concepts: dict[
     methods = ["none"] + [m for m in methods if m != "none"]
     jobs = [(m, c) for m in methods for cat in concepts for c in concepts[cat]]
     rows: dict[str, dict] = {m: {"concepts": {}, "errors": {}, "erase_s": 0.0} for m in methods}
-    with progress_bar(total=len(jobs), desc="bench-quality", enabled=progress) as bar:
-        for m, c in jobs:
-            if hasattr(bar, "set_postfix_str"):
-                bar.set_postfix_str(f"{m}:{c}")
-            r = evaluate_method(adapter, m, [c], None, s)
-            if "error" in r:
-                rows[m]["errors"][c] = r["error"]
-            else:
-                rows[m]["concepts"][c] = r["concepts"][c]
-                rows[m]["erase_s"] += r["erase_s"]
-            bar.update(1)
+
+    def job(mc):
+        r = evaluate_method(adapter, mc[0], [mc[1]], None, s)
+        return {k: v for k, v in r.items() if k != "edit"}
+
+    for (m, c), r in zip(jobs, distributed.map_jobs(jobs, job, "bench-quality", progress=progress)):
+        if "error" in r:
+            rows[m]["errors"][c] = r["error"]
+        else:
+            rows[m]["concepts"][c] = r["concepts"][c]
+            rows[m]["erase_s"] += r["erase_s"]
     for row in rows.values():
         row["categories"] = {}
         for cat, cs in concepts.items():
@@ -487,4 +492,5 @@ def bench_quality(adapter, methods: Sequence[str] | None = None, concepts: dict[
         "benchmark": "toy-world quality (pure_fast.evaluate.toy_bench)",
         "settings": s.to_json(), "concepts": concepts, "methods": methods, "unavailable": missing,
         "rows": rows, "seconds": round(time.perf_counter() - t0, 1), "provenance": provenance(command),
+        "world_size": distributed.world_size(),
     }
