@@ -483,8 +483,10 @@ def cmd_inspect(args) -> int:
         lines.append(f"details   {info['details']}")
     run = e.stats.get("distributed") if isinstance(e.stats, dict) else None
     if isinstance(run, dict) and "world_size" in run:
-        lines.append(f"run       {run['world_size']} processes (torch.distributed), samples per rank: "
-                     f"{', '.join(str(n) for n in run.get('samples_per_rank', []))}")
+        per_rank = run.get("samples_per_rank")
+        lines.append(f"run       {run['world_size']} processes (torch.distributed), " + (
+            f"samples per rank: {', '.join(str(n) for n in per_rank)}" if isinstance(per_rank, list)
+            else "each computed the whole edit (no trajectory to split)"))
     lines.append(f"base      {fp.short(e.base_fingerprint)}")
     lines.append(f"result    {fp.short(e.result_fingerprint)}")
     opts = {k: v for k, v in e.options.items() if k != "collect"}
@@ -554,8 +556,9 @@ def main(argv=None) -> int:
         print(f"pure-fast: error: {distributed.rank_prefix()}{exc}", file=sys.stderr)
         rc = exc.exit_code
         return rc
-    except KeyboardInterrupt:
-        print(f"pure-fast: {distributed.rank_prefix()}interrupted (no partial output was kept)", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        why = "stopped by the launcher (SIGTERM)" if isinstance(exc, distributed.Terminated) else "interrupted"
+        print(f"pure-fast: {distributed.rank_prefix()}{why} (no partial output was kept)", file=sys.stderr)
         rc = 130
         return rc
     except ModuleNotFoundError as exc:

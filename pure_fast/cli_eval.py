@@ -142,24 +142,29 @@ def cmd_eval(args) -> int:
     methods, _ = _check_methods(args.method or ["pure"])
     settings = _settings(args)
     _threads(args)
-    out, tmp = _fresh_out_dir(args.out_dir)
+    from . import distributed
+
+    writer = distributed.is_writer()  # under torchrun: rank 0 writes, every rank evaluates its share
+    out, tmp = _fresh_out_dir(args.out_dir) if writer else (None, None)
     try:
         from .adapters import load_model
         from .evaluate import report, toy_bench
 
         t0 = time.perf_counter()
-        progress = not args.quiet
-        adapter = load_model("toy", device=args.device)
+        progress = not args.quiet and not distributed.active()  # under torchrun: one bar, over the methods
+        with distributed.stage("load"):
+            adapter = load_model("toy", device=args.device)
         retain = retain or toy_bench.default_retain(forget)
-        results = []
-        base = toy_bench.evaluate_method(adapter, "none", forget, retain, settings, progress=progress,
-                                         keep_images=True)
-        results.append(base)
-        for m in methods:
-            if m == "none":
-                continue
-            r = toy_bench.evaluate_method(adapter, m, forget, retain, settings, progress=progress, keep_images=True)
-            results.append(r)
+        jobs = ["none"] + [m for m in methods if m != "none"]
+        results = distributed.map_jobs(
+            jobs, lambda m: toy_bench.evaluate_method(adapter, m, forget, retain, settings, progress=progress,
+                                                      keep_images=True),
+            "eval", progress=not args.quiet and distributed.active(), allowed={"_Item": toy_bench._Item})
+        if not writer:
+            return 0
+        base = results[0]
+        for r in results[1:]:
+            m = r["method"]
             if "error" in r:
                 print(f"pure-fast eval: {m} failed: {r['error']}", file=sys.stderr)
                 continue
@@ -171,11 +176,12 @@ def cmd_eval(args) -> int:
         report.eval_chart([r for r in results if "concepts" in r], os.path.join(tmp, "eval.png"))
         doc = {"evaluation": "toy world (pure_fast.evaluate.toy_bench)", "forget": forget, "retain": retain,
                "settings": settings.to_json(), "results": results, "seconds": round(time.perf_counter() - t0, 1),
-               "provenance": toy_bench.provenance(_command_line(args))}
+               "provenance": toy_bench.provenance(_command_line(args)), "world_size": distributed.processes()}
         report.write_json(os.path.join(tmp, "eval.json"), doc)
         names = _publish(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     if args.json:
         import json
@@ -202,19 +208,26 @@ def cmd_bench_quality(args) -> int:
     methods, missing = _check_methods(args.method or [])
     settings = _settings(args)
     _threads(args)
-    out, tmp = _fresh_out_dir(args.out_dir)
+    from . import distributed
+
+    writer = distributed.is_writer()  # under torchrun: rank 0 writes, every rank evaluates its share
+    out, tmp = _fresh_out_dir(args.out_dir) if writer else (None, None)
     try:
         from .adapters import load_model
         from .evaluate import report, toy_bench
 
-        adapter = load_model("toy", device=args.device)
+        with distributed.stage("load"):
+            adapter = load_model("toy", device=args.device)
         bench = toy_bench.bench_quality(adapter, methods, None, settings, progress=not args.quiet,
                                         command=_command_line(args))
+        if not writer:
+            return 0
         bench["unavailable"] = {**missing, **bench.get("unavailable", {})}
         report.write_bench(bench, tmp)
         names = _publish(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     if args.json:
         import json

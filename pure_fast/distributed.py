@@ -71,6 +71,11 @@ class PeerLost(PureFastError):
     """A collective failed (a peer died, or the process group timed out)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM under a launcher (torchrun stops every process when one fails): unwinds like Ctrl-C, so temp
+    outputs are removed, without a status exchange (the peers may be gone)."""
+
+
 @dataclass
 class _State:
     local_depth: int = 0  # > 0 inside local(): no sharding, no collectives
@@ -109,6 +114,11 @@ def rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if _group_ready() else 0
+
+
+def processes() -> int:
+    """How many processes share the work now (1 inside ``local()`` or without a group): outputs record it."""
+    return world_size() if active() else 1
 
 
 def active() -> bool:
@@ -202,6 +212,12 @@ def cli_session(command: str, args) -> Iterable[None]:
     if hasattr(args, "device"):
         args.device = device_for_rank(args.device)
     _state.owns_group = init_from_env(getattr(args, "device", None))
+    import signal
+
+    def on_term(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     _state.failure_known = False
     if rank() != 0:
         os.environ["PURE_FAST_PROGRESS"] = "0"
@@ -209,6 +225,7 @@ def cli_session(command: str, args) -> Iterable[None]:
         with stage("finish"):
             yield
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if _state.owns_group:
             import torch.distributed as dist
 
@@ -345,6 +362,9 @@ def take_records() -> list[dict]:
 
 def run_summary(records: list[dict]) -> dict:
     """What an edit's stats record about the run: world size and the samples each rank ran."""
+    if not records:
+        return {"world_size": world_size(), "samples_per_rank": None,
+                "note": "no trajectory to split (text-space method): every rank computed the same edit"}
     per_rank = [0] * world_size()
     for rec in records:
         for r, n in enumerate(rec["samples_per_rank"]):

@@ -48,10 +48,16 @@ def _api_worker(rank, out):
         pure_fast.erase(pipe, **STYLE, **kw).save(f"{out}/{fam}_rank{rank}.safetensors")
         # Gram mode: every group past max_rows -> Gram matrices all-reduced
         pure_fast.erase(pipe, **STYLE, **kw, max_rows=4).save(f"{out}/{fam}_gram_rank{rank}.safetensors")
+        if fam == "sd1":  # ActErase collects too (sharded); UCE reads text only (every rank computes it)
+            pure_fast.erase(pipe, **STYLE, method="acterase", **kw).save(f"{out}/acterase_rank{rank}.safetensors")
+            pure_fast.erase(pipe, **STYLE, method="uce").save(f"{out}/uce_rank{rank}.safetensors")
         if rank == 0:
             with distributed.local():  # exactly the single-process path, same thread count
                 pure_fast.erase(pipe, **STYLE, **kw).save(f"{out}/{fam}_single.safetensors")
                 pure_fast.erase(pipe, **STYLE, **kw, max_rows=4).save(f"{out}/{fam}_gram_single.safetensors")
+                if fam == "sd1":
+                    pure_fast.erase(pipe, **STYLE, method="acterase", **kw).save(f"{out}/acterase_single.safetensors")
+                    pure_fast.erase(pipe, **STYLE, method="uce").save(f"{out}/uce_single.safetensors")
     dist.destroy_process_group()
 
 
@@ -98,6 +104,19 @@ def test_pure_edit_gram_mode_within_1e6(api_run, fam):
         ref = _dense(single, name, shape)
         rel = float((_dense(e0, name, shape) - ref).norm() / ref.norm())
         assert rel <= 1e-6, (fam, name, rel)
+
+
+@pytest.mark.parametrize("method", ["acterase", "uce"])
+def test_other_methods_equal_single_process(api_run, method):
+    """ActErase's collection is sharded like PURE's; UCE (text space) is computed whole on every rank."""
+    single = _load(f"{api_run}/{method}_single.safetensors")
+    for r in (0, 1):
+        e = _load(f"{api_run}/{method}_rank{r}.safetensors")
+        a, b = e.tensors(), single.tensors()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (method, r)
+        run = e.stats["distributed"]
+        assert run["world_size"] == 2
+        assert (run["samples_per_rank"] is None) == (method == "uce")
 
 
 def test_merge_group_stats_single_process_is_identity():
@@ -323,3 +342,35 @@ def test_torchrun_erase_writes_the_single_process_edit(tiny_sd1_dir, tmp_path):
     shown = subprocess.run([sys.executable, "-m", "pure_fast", "inspect", str(tmp_path / "two.safetensors")],
                            capture_output=True, text=True, env=env, timeout=120).stdout
     assert "run       2 processes" in shown
+
+
+EVAL_ARGS = ["eval", "--method", "uce", "--method", "cure", "--forget", "red", "--quick", "--steps", "3"]
+
+
+def _eval_worker(rank, out, res):
+    with open(f"{res}/eval{rank}.json", "w") as f:
+        json.dump(_cli(EVAL_ARGS + ["--out-dir", out, "--quiet"]), f)
+
+
+@pytest.mark.slow
+def test_eval_writes_the_single_process_files(tmp_path):
+    """pure-fast eval over 2 ranks (one method per rank): the same eval.json numbers, the same sample grids,
+    the same edits (content digest: every tensor and metadata field but the run's own)."""
+    from pure_fast.edits.io import load_edit
+
+    assert run_ranks(_eval_worker, (str(tmp_path / "two"), str(tmp_path))) == [0, 0]
+    assert json.loads((tmp_path / "eval1.json").read_text())["out"] == ""
+    with _one_thread():
+        assert _cli(EVAL_ARGS + ["--out-dir", str(tmp_path / "one"), "--quiet"])["rc"] == 0
+    a, b = _files(tmp_path / "two"), _files(tmp_path / "one")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        if name == "eval.json":
+            ja, jb = json.loads(a[name]), json.loads(b[name])
+            assert ja["world_size"] == 2 and jb["world_size"] == 1
+            assert _without_timings(ja) == _without_timings(jb)
+        elif name.endswith(".safetensors"):
+            ea, eb = (load_edit(str(t / name)) for t in (tmp_path / "two", tmp_path / "one"))
+            assert ea.content_digest() == eb.content_digest()
+        else:
+            assert a[name] == b[name], name

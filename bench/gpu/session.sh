@@ -11,6 +11,7 @@
 #   end_to_end : bench/run_all.py --device cuda --only end_to_end (SDXL and SD1.5 bf16: PURE 1/10/50, UCE,
 #                CURE, SPACE both Y M routes, collection vs plain passes, FISTA fraction of bf16 peak)
 #   compile    : bench_compile (torch.compile and CUDA graphs on the UNet pass, plain and hooked)
+#   distributed: bench_distributed (PURE's collection on 1..all GPUs, one process per GPU; distributed_gpu.json)
 #   all        : all three (needs more than one 10-minute call on an H100; use them one by one)
 #   issue16    : issue 16's GPU check in ONE call, under an internal budget (ISSUE16_BUDGET_S, default 560 s),
 #                parts in priority order, each skipped with a logged line when the budget cannot cover it:
@@ -79,6 +80,11 @@ if [ "$what" = issue16 ]; then
 fi
 if [ "$what" = issue16_compile ]; then
   $PY bench/run_all.py --device "$DEVICE" --only compile_e2e || status=1
+fi
+if [ "$what" = distributed ] || [ "$what" = all ]; then
+  # PURE's collection over 1..(all) GPUs of the machine, one process per GPU (NCCL), SDXL bf16 at 512 px
+  $PY bench/bench_distributed.py --device "$DEVICE" --concepts 10 || status=1
+  cp bench/results/distributed_gpu.json "$OUT/" 2>/dev/null
 fi
 for f in bench/results/*.json; do
   case "$f" in *amd-epyc*|*quality*|*probe*|*storage*|*memory*) ;; *) cp "$f" "$OUT/" ;; esac

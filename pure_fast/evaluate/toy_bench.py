@@ -492,5 +492,5 @@ def bench_quality(adapter, methods: Sequence[str] | None = None, concepts: dict[
         "benchmark": "toy-world quality (pure_fast.evaluate.toy_bench)",
         "settings": s.to_json(), "concepts": concepts, "methods": methods, "unavailable": missing,
         "rows": rows, "seconds": round(time.perf_counter() - t0, 1), "provenance": provenance(command),
-        "world_size": distributed.world_size(),
+        "world_size": distributed.processes(),
     }
