@@ -25,10 +25,6 @@ from pure_fast.testing import FAST_COLLECT, run_ranks
 STYLE = dict(forget=["Van Gogh"], retain=["Claude Monet"], category="style")
 
 
-def _save(edit, path):
-    edit.save(path)
-
-
 def _load(path):
     from pure_fast.edits.io import load_edit
 
