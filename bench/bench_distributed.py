@@ -57,7 +57,7 @@ def _worker(rank: int, cfg: dict, result_path: str) -> None:
 
     from pure_fast import distributed
     from pure_fast.adapters import wrap_pipeline
-    from pure_fast.api import anchor_sets
+    from pure_fast.prompts import anchor_sets
     from pure_fast.collect.activations import CollectOptions, collect_activations
 
     world = cfg["world"]
