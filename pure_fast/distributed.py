@@ -514,10 +514,9 @@ def unpack(blob: torch.Tensor, allowed: dict[str, type] | None = None):
         if "__tuple__" in x:
             return tuple(walk(v) for v in x["__tuple__"])
         if "__edit__" in x:
-            from .edits.edit import KINDS
-            from .edits.io import _register_all
+            from . import edits  # noqa: F401 - importing the package registers every edit kind
+            from .edits.io import KINDS
 
-            _register_all()
             meta = x["__edit__"]
             return KINDS[meta["kind"]].from_tensors(meta, {n: tensors[k] for n, k in x["tensors"].items()})
         if "__dc__" in x:
