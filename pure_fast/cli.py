@@ -11,7 +11,6 @@ import sys
 import time
 
 from . import api
-from .adapters import load_model
 from .adapters.loading import is_toy_spec
 from .errors import PureFastError, UsageError
 from .methods import EraseContext, get_method, method_names
@@ -239,7 +238,8 @@ def cmd_erase(args) -> int:
                                toy=is_toy_spec(args.model))
     out = edit_out_path(args.out)
     t0 = time.perf_counter()
-    model = load_model(args.model, config=args.config, device=args.device, dtype=args.dtype)
+    # only the parts the method reads (UCE, CURE, SPACE: text encoders + K/V weights, never the UNet or VAE)
+    model = api.load_for(args.method, args.model, config=args.config, device=args.device, dtype=args.dtype)
     t1 = time.perf_counter()
     edit = api.run_erase(ctx, model, progress=not (args.quiet or args.json))
     t2 = time.perf_counter()
