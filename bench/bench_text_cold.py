@@ -175,7 +175,7 @@ def _git(*args) -> str:
 
 
 def write_markdown(data: dict, path: Path) -> None:
-    lines = [f"# Cold-process UCE on CPU (`bench/bench_text_cold.py`)", "",
+    lines = ["# Cold-process UCE on CPU (`bench/bench_text_cold.py`)", "",
              f"Command: `{data['command']}`  ", f"Commit {data['commit']}, {data['date']}, {data['machine']}; "
              f"torch {data['versions']['torch']}, transformers {data['versions']['transformers']}, diffusers "
              f"{data['versions']['diffusers']}. Whole processes, medians of the runs shown; peak RSS of each child "

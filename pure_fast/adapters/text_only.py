@@ -110,6 +110,13 @@ class TextOnlyAdapter(ModelAdapter):
     def tokenize(self, prompt: str) -> list[str]:
         return self._tokenizer.tokenize(prompt)
 
+    @property
+    def max_prompt_tokens(self) -> int:
+        return int(self._tokenizer.model_max_length)
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self._tokenizer(prompt, truncation=False).input_ids)
+
     def release_text_encoders(self) -> None:
         """Drop the text models (the tokenizer stays: ``tokenize`` still works)."""
         self._encoders = [(tok, None) for tok, _ in self._encoders]
@@ -188,7 +195,7 @@ def _load_single_file_encoders(path: str, header: dict, family: str, components,
     return out
 
 
-def load_text_only(spec: str, *, config: str | None = None, device=torch.device("cpu"), dtype=None,
+def load_text_only(spec: str, *, config: str | None = None, device="cpu", dtype=None,
                    text: bool = True) -> TextOnlyAdapter:
     """A :class:`TextOnlyAdapter` for a diffusers folder, or a ``.safetensors`` file plus ``config``.
 
