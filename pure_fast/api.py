@@ -14,15 +14,25 @@ from . import distributed
 from .adapters import ModelAdapter, load_model, wrap_pipeline
 from .adapters.loading import is_toy_spec
 from .edits import fingerprint as fp
-from .edits.edit import Edit, kv_weights, resolve_unet
-from .methods import EraseContext
+from .edits.edit import Edit, kv_weights, model_kv_weights
+from .methods import EraseContext, get_method
 
 
-def _adapter(model) -> ModelAdapter:
+def load_for(method: str, spec, **kwargs) -> ModelAdapter:
+    """``load_model`` with only the parts ``method`` reads (``Method.model_parts``: the text-space methods
+    UCE, CURE and SPACE take the text encoder(s) and the K/V weights read lazily from the files, never the
+    UNet or the VAE); the adapter is this run's own, so a text-only adapter frees its text encoders as soon
+    as the embeddings exist (``done_with_text``)."""
+    adapter = load_model(spec, parts=get_method(method).model_parts, **kwargs)
+    adapter.free_text_after_use = True
+    return adapter
+
+
+def _adapter(model, method: str) -> ModelAdapter:
     if isinstance(model, ModelAdapter):
         return model
     if isinstance(model, str) or model is None:
-        return load_model(model)
+        return load_for(method, model)
     return wrap_pipeline(model)
 
 
@@ -60,7 +70,7 @@ def is_toy_model(model) -> bool:
 
 def run_erase(ctx: EraseContext, model, *, progress: bool = True, fingerprint: bool = True) -> Edit:
     """Run a prepared erase (``EraseContext.prepare``) on ``model``."""
-    adapter = _adapter(model)
+    adapter = _adapter(model, ctx.method.name)
     ctx.bind(adapter, progress)
     base = start_base_fingerprint(adapter) if fingerprint else None
     t0 = time.perf_counter()
@@ -89,7 +99,7 @@ def run_erase(ctx: EraseContext, model, *, progress: bool = True, fingerprint: b
     return edit
 
 
-def background_fingerprint_wanted(unet) -> bool:
+def background_fingerprint_wanted(unet_or_weights) -> bool:
     """Take the base fingerprint in a background thread during the method's work?
 
     Yes when the K/V weights are on CUDA: the GPU is busy with collection and the CPU cores would idle. No on
@@ -101,7 +111,8 @@ def background_fingerprint_wanted(unet) -> bool:
     env = os.environ.get("PURE_FAST_FP_BACKGROUND", "").strip()
     if env in ("0", "1"):
         return env == "1"
-    return any(t.device.type == "cuda" for t in kv_weights(unet).values())
+    weights = unet_or_weights if isinstance(unet_or_weights, dict) else kv_weights(unet_or_weights)
+    return any(t.device.type == "cuda" for t in weights.values())
 
 
 def start_base_fingerprint(model) -> fp.Background | None:
@@ -111,8 +122,10 @@ def start_base_fingerprint(model) -> fp.Background | None:
     read them, acterase only builds activation patches); ``stamp_fingerprints`` still checks cheaply that the
     weights are the same tensors, unmodified, and takes the fingerprint again when they are not.
     """
-    unet = resolve_unet(model)
-    return fp.Background(kv_weights(unet)) if background_fingerprint_wanted(unet) else None
+    weights = model_kv_weights(model)
+    if fp.is_lazy(weights):  # read from the files: streamed once, after the method (stamp_fingerprints)
+        return None
+    return fp.Background(weights) if background_fingerprint_wanted(weights) else None
 
 
 def stamp_fingerprints(edit: Edit, model, *, base: fp.Background | None = None) -> None:
@@ -125,8 +138,10 @@ def stamp_fingerprints(edit: Edit, model, *, base: fp.Background | None = None) 
     ``base``: the base fingerprint taken in the background (``start_base_fingerprint``); its errors are
     raised here. Weights the edit does not change keep their base per-tensor digests in the result.
     """
-    unet = resolve_unet(model)
-    weights = kv_weights(unet)
+    weights = model_kv_weights(model)
+    if fp.is_lazy(weights):
+        _stamp_streamed(edit, weights)
+        return
     parts = None
     if base is not None:
         parts = base.result()
@@ -137,9 +152,23 @@ def stamp_fingerprints(edit: Edit, model, *, base: fp.Background | None = None) 
     edit.base_fingerprint = fp.summarize(parts, weights)
     targets = set(edit.target_weights())
     if targets:
-        after = dict(edit.validate_against(unet))
+        after = dict(edit.validate_against(weights))
         after.update(edit.new_values(after))
         known = {key: d for key, d in parts.items() if key[0] not in targets}
         edit.result_fingerprint = fp.fingerprints(after, known=known)
     else:
         edit.result_fingerprint = dict(edit.base_fingerprint)
+
+
+def _stamp_streamed(edit: Edit, weights) -> None:
+    """``stamp_fingerprints`` for weights read from the files (a text-only adapter): one pass, one tensor
+    per worker, each K/V tensor hashed as it is and, when the edit changes it, its new value (``new_values``
+    of that one weight: the same bits as all at once under the default per-layer dispatch)."""
+    edit.validate_against(weights)
+    targets = set(edit.target_weights())
+
+    def after(name, w):
+        return edit.new_values({name: w}, names=[name])[name] if name in targets else None
+
+    edit.base_fingerprint, result = fp.stream_fingerprints(weights, after)
+    edit.result_fingerprint = result if targets else dict(edit.base_fingerprint)

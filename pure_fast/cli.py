@@ -11,7 +11,6 @@ import sys
 import time
 
 from . import api, distributed
-from .adapters import load_model
 from .adapters.loading import is_toy_spec
 from .errors import PureFastError, UsageError, one_line
 from .methods import EraseContext, get_method, method_names
@@ -240,8 +239,9 @@ def cmd_erase(args) -> int:
     # under torchrun only rank 0 writes (other nodes may not have the folder)
     out = edit_out_path(args.out) if distributed.is_writer() else os.path.abspath(args.out)
     t0 = time.perf_counter()
+    # only the parts the method reads (UCE, CURE, SPACE: text encoders + K/V weights, never the UNet or VAE)
     with distributed.stage("load"):  # a failure on any rank stops every rank here, before the work
-        model = load_model(args.model, config=args.config, device=args.device, dtype=args.dtype)
+        model = api.load_for(args.method, args.model, config=args.config, device=args.device, dtype=args.dtype)
     t1 = time.perf_counter()
     with distributed.stage("erase"):  # every rank builds the edit; nothing is written unless all succeeded
         edit = api.run_erase(ctx, model, progress=not (args.quiet or args.json))

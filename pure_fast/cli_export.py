@@ -83,7 +83,8 @@ def cmd_export(args) -> int:
         args.model = "toy"  # as everywhere else: no --model means the shipped toy model
     model = None
     if args.model is not None:
-        model = load_model_any(args.model, config=args.config, device=args.device, dtype=None)
+        # only the K/V weights, read from the files one at a time (never the UNet, VAE or text encoders)
+        model = load_model_any(args.model, config=args.config, device=args.device, dtype=None, parts="kv")
     if args.format == "unet-state-dict":
         rep = export_unet_state_dict(edit, model, out, dtype=args.dtype, force=args.force)
         rep["consumers"] = UNET_STATE_DICT_CONSUMERS

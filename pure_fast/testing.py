@@ -177,6 +177,24 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0, vocabulary: str = "c
     return pipe
 
 
+def build_tiny_sdxl_distinct_widths(seed: int = 0):
+    """The tiny SDXL with a 48-wide second text encoder (UNet context 32 + 48), for single-file checkpoints.
+
+    diffusers' ``from_single_file`` picks the conversion of each text encoder by comparing the width of the
+    checkpoint's position embeddings with the encoder it builds; the stock tiny SDXL has two 32-wide
+    encoders, so its ``text_encoder_2`` would be filled from ``conditioner.embedders.0`` (real SDXL: 768 vs 1280).
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    pipe = build_tiny_pipeline("sdxl", seed)
+    torch.manual_seed(seed + 3)
+    te2 = CLIPTextModelWithProjection(_clip_text_config(48, projection=32))
+    unet = UNet2DConditionModel.from_config({**pipe.unet.config, "cross_attention_dim": 32 + 48})
+    pipe.register_modules(text_encoder_2=te2, unet=unet)
+    return pipe
+
+
 def save_tiny_pipeline(path: str, family: str = "sd1", seed: int = 0) -> str:
     """Build and save a tiny pipeline as a diffusers folder (safetensors); returns the path."""
     pipe = build_tiny_pipeline(family, seed)
@@ -220,16 +238,14 @@ def build_unet_architecture(name: str, device: str = "cpu", dtype: torch.dtype =
 FAST_COLLECT = dict(size=32, seeds=(0,), steps=4, record_steps=2)
 
 
-def build_architecture_pipeline(name: str = "sd15", dtype: torch.dtype = torch.float32, seed: int = 0):
-    """A full-size SD1.5 / SD2 / SDXL pipeline with random weights (UNet, text encoder(s), VAE) for timing.
-
-    Timing does not depend on weight values; tokenizers are the real CLIP BPE.
-    """
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+def _architecture_parts(name: str, dtype: torch.dtype, seed: int) -> dict:
+    """Every component of a full-size SD1.5 / SD2 / SDXL pipeline except the UNet (random weights)."""
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; use one of {', '.join(ARCHITECTURES)}")
     torch.manual_seed(seed)
-    unet = build_unet_architecture(name, dtype=dtype, seed=seed)
     vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
                         up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2,
                         sample_size=512).to(dtype)
@@ -242,16 +258,53 @@ def build_architecture_pipeline(name: str = "sd15", dtype: torch.dtype = torch.f
         return (CLIPTextModelWithProjection(cfg) if proj else CLIPTextModel(cfg)).to(dtype)
 
     if name == "sdxl":
-        return StableDiffusionXLPipeline(
-            vae=vae, text_encoder=te(768, 12, 12), text_encoder_2=te(1280, 32, 20, proj=1280, act="gelu"),
-            tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(pad_token="!"), unet=unet, scheduler=_ddim(),
-        )
+        return dict(vae=vae, text_encoder=te(768, 12, 12), text_encoder_2=te(1280, 32, 20, proj=1280, act="gelu"),
+                    tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(pad_token="!"), scheduler=_ddim())
     hidden, layers, heads = (768, 12, 12) if name == "sd15" else (1024, 23, 16)
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=te(hidden, layers, heads, act="quick_gelu" if name == "sd15" else "gelu"),
-        tokenizer=clip_tokenizer(), unet=unet, scheduler=_ddim("epsilon" if name == "sd15" else "v_prediction"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    return dict(vae=vae, text_encoder=te(hidden, layers, heads, act="quick_gelu" if name == "sd15" else "gelu"),
+                tokenizer=clip_tokenizer(), scheduler=_ddim("epsilon" if name == "sd15" else "v_prediction"),
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _architecture_class(name: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if name == "sdxl" else StableDiffusionPipeline
+
+
+def build_architecture_pipeline(name: str = "sd15", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A full-size SD1.5 / SD2 / SDXL pipeline with random weights (UNet, text encoder(s), VAE) for timing.
+
+    Timing does not depend on weight values; tokenizers are the real CLIP BPE.
+    """
+    parts = _architecture_parts(name, dtype, seed)
+    unet = build_unet_architecture(name, dtype=dtype, seed=seed)
+    return _architecture_class(name)(unet=unet, **parts)
+
+
+def save_architecture_folder(path: str, name: str = "sd15", dtype: torch.dtype = torch.float32, seed: int = 0,
+                             max_shard_size: str = "10GB") -> str:
+    """Save a full-size random-weight pipeline as a diffusers folder, one component at a time (the SDXL UNet
+    alone is 10.3 GB in float32: it is built after the other components are saved and freed). The UNet is
+    sharded (``*.safetensors.index.json``) when larger than ``max_shard_size``. Returns ``path``."""
+    import gc
+    import json as _json
+
+    pipe = _architecture_class(name)(unet=None, **_architecture_parts(name, dtype, seed))
+    pipe.save_pretrained(path, safe_serialization=True)
+    del pipe
+    gc.collect()
+    unet = build_unet_architecture(name, dtype=dtype, seed=seed)
+    unet.save_pretrained(os.path.join(path, "unet"), safe_serialization=True, max_shard_size=max_shard_size)
+    del unet
+    gc.collect()
+    index_path = os.path.join(path, "model_index.json")
+    with open(index_path, encoding="utf-8") as f:
+        index = _json.load(f)
+    index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    with open(index_path, "w", encoding="utf-8") as f:
+        _json.dump(index, f, indent=2)
+    return path
 
 
 # ---- several processes on one machine (tests, bench/bench_distributed.py) ----------------------------------

@@ -23,23 +23,9 @@ def _assert_same(a: torch.nn.Module, b: torch.nn.Module, what: str):
 
 
 def _sdxl_distinct_widths():
-    """The tiny SDXL with a 48-wide second text encoder (UNet context 32 + 48).
+    from pure_fast.testing import build_tiny_sdxl_distinct_widths
 
-    diffusers' ``from_single_file`` picks the conversion of each text encoder by comparing the width of the
-    checkpoint's position embeddings with the encoder it builds; the stock tiny SDXL has two 32-wide
-    encoders, so its ``text_encoder_2`` would be filled from ``conditioner.embedders.0`` (real SDXL: 768 vs 1280).
-    """
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModelWithProjection
-
-    from pure_fast.testing import _clip_text_config, build_tiny_pipeline
-
-    pipe = build_tiny_pipeline("sdxl")
-    torch.manual_seed(3)
-    te2 = CLIPTextModelWithProjection(_clip_text_config(48, projection=32))
-    unet = UNet2DConditionModel.from_config({**pipe.unet.config, "cross_attention_dim": 32 + 48})
-    pipe.register_modules(text_encoder_2=te2, unet=unet)
-    return pipe
+    return build_tiny_sdxl_distinct_widths()
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])

@@ -6,12 +6,13 @@ from .base import Conditioning, CrossAttnLayer, ModelAdapter, TokenEmbeddings
 __all__ = ["Conditioning", "CrossAttnLayer", "ModelAdapter", "TokenEmbeddings", "load_model", "wrap_pipeline"]
 
 
-def load_model(spec=None, *, config=None, device="cpu", dtype=None):
+def load_model(spec=None, *, config=None, device="cpu", dtype=None, parts="all"):
     """Load a model: None or 'toy' -> the shipped toy model; a diffusers folder; or a .safetensors file
-    plus ``config`` (a local diffusers folder). Returns a ModelAdapter."""
+    plus ``config`` (a local diffusers folder). Returns a ModelAdapter. ``parts='text'``: only the text
+    encoder(s) and the K/V weights (read lazily), what UCE, CURE and SPACE use; ``'kv'``: only the K/V weights."""
     from .loading import load_model as _load
 
-    return _load(spec, config=config, device=device, dtype=dtype)
+    return _load(spec, config=config, device=device, dtype=dtype, parts=parts)
 
 
 def wrap_pipeline(pipe, device=None, dtype=None) -> ModelAdapter:

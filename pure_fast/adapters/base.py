@@ -117,6 +117,13 @@ class ModelAdapter:
         """How many tokens ``prompt`` has, special tokens included, before any truncation."""
         raise NotImplementedError
 
+    free_text_after_use: bool = False  # set by whoever owns the adapter for one run (api.load_for)
+
+    def done_with_text(self) -> None:
+        """Called by the text-space methods once their token embeddings exist. An adapter that holds its
+        text encoders only for them (``text_only.TextOnlyAdapter``) drops them then, when it was loaded for
+        this one run (``free_text_after_use``); a full pipeline keeps them."""
+
     # ---- layers -----------------------------------------------------------------------------------
     def cross_attention_layers(self) -> list[CrossAttnLayer]:
         return find_cross_attention_layers(self.unet)

@@ -17,8 +17,11 @@ import torch
 from ..errors import ModelLoadError, NumericalError, UsageError
 from ..ops.finite import finite_stats
 from .base import ModelAdapter
+from .model_files import PICKLE_SUFFIXES, check_single_file_spec, family_from  # noqa: F401 (re-exported)
+from .model_files import pickle_only_components as _pickle_only_components
+from .model_files import pipeline_class_name as _pipeline_class_name
+from .model_files import quiet_libraries as _quiet_diffusers
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -44,37 +47,6 @@ def parse_device(name) -> torch.device:
     return dev
 
 
-def _pipeline_class_name(folder: str) -> str:
-    index = os.path.join(folder, "model_index.json")
-    if not os.path.isfile(index):
-        raise ModelLoadError(
-            f"{folder} is not a diffusers pipeline folder (no model_index.json); "
-            "give a diffusers folder, or a .safetensors file with --config DIR"
-        )
-    try:
-        with open(index, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"cannot read {index}: {exc}") from None
-    name = data.get("_class_name") if isinstance(data, dict) else None
-    if not isinstance(name, str):
-        raise ModelLoadError(f"{index} has no _class_name; is this a diffusers pipeline folder?")
-    return name
-
-
-def _pickle_only_components(folder: str) -> list[str]:
-    """Components (sub-folders) of a diffusers folder that hold pickle weights and no .safetensors."""
-    out = []
-    for comp in sorted(os.listdir(folder)):
-        d = os.path.join(folder, comp)
-        if not os.path.isdir(d):
-            continue
-        files = os.listdir(d)
-        if any(f.endswith(PICKLE_SUFFIXES) for f in files) and not any(f.endswith(".safetensors") for f in files):
-            out.append(comp)
-    return out
-
-
 def check_finite_parameters(module: torch.nn.Module, what: str = "UNet") -> None:
     """Refuse a model whose parameters hold NaN/Inf (names the first bad tensor and the count)."""
     for name, p in module.named_parameters():
@@ -95,15 +67,6 @@ def _pipeline_class(name: str):
     if name.startswith("StableDiffusion"):
         return diffusers.StableDiffusionPipeline
     raise ModelLoadError(f"pipeline type {name} is not supported (supported: StableDiffusion 1.x/2.x, SDXL)")
-
-
-def _quiet_diffusers():
-    import diffusers  # noqa: F401 - imported here so that quiet_third_party switches them
-    import transformers  # noqa: F401
-
-    from ..progress import quiet_third_party
-
-    quiet_third_party()
 
 
 def load_pipeline(spec: str, config: str | None = None, dtype: torch.dtype | None = None):
@@ -132,21 +95,7 @@ def load_pipeline(spec: str, config: str | None = None, dtype: torch.dtype | Non
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
             raise ModelLoadError(f"cannot load the diffusers folder {spec}: {str(exc).splitlines()[0]}") from None
     else:
-        lower = spec.lower()
-        if lower.endswith(PICKLE_SUFFIXES):
-            raise ModelLoadError(
-                f"{spec} is a pickle-based checkpoint, which is never loaded (it can run code); "
-                "convert it to .safetensors and pass --config DIR"
-            )
-        if not lower.endswith(".safetensors"):
-            raise ModelLoadError(f"{spec} is not a .safetensors file or a diffusers folder")
-        if config is None:
-            raise UsageError(
-                f"{spec} is a single-file checkpoint: also pass --config DIR, a local diffusers folder of the same "
-                "model family (its configs are used; nothing is downloaded)"
-            )
-        if not os.path.isdir(config):
-            raise ModelLoadError(f"--config {config} is not a folder (expected a local diffusers pipeline folder)")
+        check_single_file_spec(spec, config)
         cls = _pipeline_class(_pipeline_class_name(config))
         _quiet_diffusers()
         try:
@@ -162,13 +111,7 @@ def load_pipeline(spec: str, config: str | None = None, dtype: torch.dtype | Non
 
 
 def family_of(pipe) -> str:
-    name = type(pipe).__name__
-    if "XL" in name:
-        return "sdxl"
-    cfg = pipe.unet.config
-    if cfg.cross_attention_dim == 1024 or getattr(cfg, "use_linear_projection", False):
-        return "sd2"
-    return "sd1"
+    return family_from(type(pipe).__name__, dict(pipe.unet.config))
 
 
 def wrap_pipeline(pipe, device=None, dtype=None) -> ModelAdapter:
@@ -198,7 +141,15 @@ def _is_toy_weights_folder(path: str) -> bool:
             and os.path.isfile(os.path.join(path, "config.json")))
 
 
-def load_model(spec=None, *, config=None, device="cpu", dtype=None) -> ModelAdapter:
+PARTS = ("all", "text", "kv")
+
+
+def load_model(spec=None, *, config=None, device="cpu", dtype=None, parts: str = "all") -> ModelAdapter:
+    """``parts``: 'all' (the whole pipeline), 'text' (text encoders + K/V weights read lazily from the files:
+    what UCE, CURE and SPACE use, ``text_only.TextOnlyAdapter``) or 'kv' (K/V weights only: exports and
+    fingerprints). The toy model is small and always loaded whole."""
+    if parts not in PARTS:
+        raise ValueError(f"parts={parts!r}; use one of {', '.join(PARTS)}")
     device = parse_device(device)
     dtype = parse_dtype(dtype)
     if spec is None or spec == "toy":
@@ -214,6 +165,10 @@ def load_model(spec=None, *, config=None, device="cpu", dtype=None) -> ModelAdap
         adapter = load_toy(device=device, dtype=dtype or torch.float32, weights_dir=spec)
         adapter.source = {"model": os.path.abspath(spec), "config": None}
         return adapter
+    if parts != "all":
+        from .text_only import load_text_only
+
+        return load_text_only(spec, config=config, device=device, dtype=dtype, text=parts == "text")
     pipe = load_pipeline(spec, config=config, dtype=dtype)
     check_finite_parameters(pipe.unet)
     adapter = wrap_pipeline(pipe, device=device, dtype=dtype or pipe.unet.dtype)

@@ -15,6 +15,7 @@ import datetime as _dt
 import hashlib
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -45,6 +46,22 @@ def kv_weights(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         out[layer.key_weight] = layer.module.to_k.weight
         out[layer.value_weight] = layer.module.to_v.weight
     return out
+
+
+def model_kv_weights(model):
+    """The K/V weights of a pipeline / adapter / UNet (name -> Parameter), or, for an adapter without a UNet
+    (``adapters.text_only.TextOnlyAdapter``), its lazy mapping that reads one tensor per access from the
+    files (``fingerprint.is_lazy``). A mapping is returned as is."""
+    if isinstance(model, Mapping):
+        return model
+    lazy = getattr(model, "kv_weights", None)
+    if callable(lazy):
+        return lazy()
+    return kv_weights(resolve_unet(model))
+
+
+def _shape_of(weights, name: str) -> tuple[int, ...]:
+    return tuple(weights.shape(name)) if fp.is_lazy(weights) else tuple(weights[name].shape)
 
 
 @dataclass
@@ -125,8 +142,10 @@ class Edit:
             "weights": {n: list(s) for n, s in self.expected_shapes().items()},
         }
 
-    def validate_against(self, unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-        weights = kv_weights(unet)
+    def validate_against(self, unet) -> dict[str, torch.nn.Parameter]:
+        """Check names, shapes and the edit's own tensors against a model's K/V weights; returns them
+        (``model_kv_weights``: a lazy mapping for a text-only adapter, read here for nothing but shapes)."""
+        weights = model_kv_weights(unet)
         missing = [n for n in self.target_weights() if n not in weights]
         if missing:
             raise EditFileError(
@@ -134,9 +153,9 @@ class Edit:
                 f"(e.g. {missing[0]}); it was made for another model family"
             )
         for name, shape in self.expected_shapes().items():
-            if name in weights and tuple(weights[name].shape) != tuple(shape):
+            if name in weights and _shape_of(weights, name) != tuple(shape):
                 raise EditFileError(
-                    f"{name}: edit expects shape {tuple(shape)}, model has {tuple(weights[name].shape)}; "
+                    f"{name}: edit expects shape {tuple(shape)}, model has {_shape_of(weights, name)}; "
                     "the edit was made for another model"
                 )
         for name, t in self.tensors().items():
@@ -164,16 +183,17 @@ class Edit:
             f"the K/V weights {where}; apply it to the model it was made from (or pass force=True / --force)"
         )
 
-    def rounded_new_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def rounded_new_weights(self, weights: dict[str, torch.Tensor], names=None) -> dict[str, torch.Tensor]:
         """target name -> new weight in the weight's dtype (no checks). Default: :meth:`new_weights` in
         float64, rounded once, so the result does not depend on the device. Kinds with a cheaper update that
-        is exact enough override it (``SharedRightEdit`` for 16-bit weights)."""
-        names = self.target_weights()
+        is exact enough override it (``SharedRightEdit`` for 16-bit weights). ``names``: only these targets
+        (one at a time when the weights are streamed from the files; the per-layer routes give the same bits)."""
+        names = self.target_weights() if names is None else list(names)
         computed = dict(self.new_weights({n: weights[n].detach().to(torch.float64) for n in names}))
         return {name: computed.pop(name).to(weights[name].dtype) for name in names}  # pop: float64 freed as we go
 
     @torch.no_grad()
-    def new_values(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def new_values(self, weights: dict[str, torch.Tensor], names=None) -> dict[str, torch.Tensor]:
         """The values ``apply`` writes: target name -> new weight in the weight's dtype (the model untouched).
 
         :meth:`rounded_new_weights`; raises NumericalError when a result is not finite (checked for all
@@ -181,7 +201,7 @@ class Edit:
         (``validate_against``'s result). ``stamp_fingerprints`` takes the result fingerprint over exactly
         these values.
         """
-        new_values = self.rounded_new_weights(weights)
+        new_values = self.rounded_new_weights(weights, names)
         names = list(new_values)
         bad = first_nonfinite([new_values[n] for n in names])
         if bad is not None:

@@ -43,6 +43,11 @@ How it is made fast (the digest values do not depend on any of it):
   of 3 against the previous implementation in the same process): ``fingerprints`` 1.23 s -> 0.91 s (2
   passes instead of 3); ``matches`` of an edit made on the float32 model against its bf16 load 0.86 s ->
   0.38 s (one pass instead of two). More threads only pay on many-core hosts (the H100 host has 16 CPUs).
+- **Lazy weights.** A mapping that reads each tensor from the model's files on access
+  (``adapters.kv_files.KVFiles``, the text-space methods' path) is walked one tensor per task: each task
+  reads its tensor once, hashes it in every dtype needed and drops it, so at most one tensor per worker is
+  in memory; ``stream_fingerprints`` takes the base and the after-edit digests in that same single pass.
+  The digests are those of the same tensors in memory (tests/test_text_only.py).
 - **Cancellation.** ``fingerprint_parts(..., cancel=event)`` stops handing out tasks once the event is set
   (``api.erase`` sets it when the method fails, so it does not wait for a fingerprint nobody will use).
 """
@@ -88,13 +93,28 @@ def workers(n_tasks: int | None = None) -> int:
     return n if n_tasks is None else max(1, min(n, n_tasks))
 
 
-def _dtype_str(t: torch.Tensor) -> str:
-    return str(t.dtype).replace("torch.", "")
+def is_lazy(weights: Mapping[str, torch.Tensor]) -> bool:
+    """A mapping that reads each tensor from disk on access (``adapters.kv_files.KVFiles``): walked one tensor
+    at a time, its dtypes and shapes known without reading (``.dtype``, ``.shape(name)``)."""
+    return bool(getattr(weights, "lazy", False))
+
+
+def _dtype_of(weights: Mapping[str, torch.Tensor], name: str) -> torch.dtype:
+    return weights.dtype if is_lazy(weights) else weights[name].dtype
+
+
+def _numel_of(weights: Mapping[str, torch.Tensor], name: str) -> int:
+    if is_lazy(weights):
+        n = 1
+        for s in weights.shape(name):
+            n *= int(s)
+        return n
+    return weights[name].numel()
 
 
 def dtypes_of(weights: Mapping[str, torch.Tensor]) -> str:
     """The 'dtype' field of a fingerprint: the sorted, comma-joined dtypes of the weights."""
-    return ",".join(sorted({_dtype_str(t) for t in weights.values()}))
+    return ",".join(sorted({str(_dtype_of(weights, n)).replace("torch.", "") for n in weights}))
 
 
 def _digest_one(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> bytes:
@@ -171,6 +191,8 @@ def fingerprint_parts(
     Entries of ``known`` must describe the current content of those weights (the caller's promise).
     ``after``: device -> CUDA event the device work waits for (default: recorded now on the current stream).
     """
+    if is_lazy(weights):
+        return _lazy_parts(weights, kinds, known=known, cancel=cancel, max_workers=max_workers)
     parts: Parts = dict(known or {})
     todo: dict[tuple[str, torch.dtype], torch.Tensor] = {}
     for kind in kinds:
@@ -194,29 +216,104 @@ def fingerprint_parts(
                 return _digest_one(name, t, dt)
         return _digest_one(name, t, dt)
 
-    n = min(workers(len(order)), max_workers or len(order))
-    if n == 1:
-        out = [task(k) for k in order]
-    else:
-        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="pure-fast-fp") as pool:
-            futures = [pool.submit(task, k) for k in order]
-            try:
-                out = [f.result() for f in futures]
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+    out = _run_tasks(task, order, min(workers(len(order)), max_workers or len(order)))
     parts.update(zip(order, out))
     return parts
 
 
-def kind_digest(parts: Parts, weights: Mapping[str, torch.Tensor], kind: str) -> str:
-    """The digest of one kind from per-tensor digests (sorted name order)."""
+def _kind_dtypes(dtype: torch.dtype, kinds: Iterable[str]) -> list[torch.dtype]:
+    """The dtypes a tensor of ``dtype`` is hashed in for ``kinds`` (no repeats: its own dtype serves twice)."""
+    out = []
+    for kind in kinds:
+        dt = dtype if kind == "exact" else CASTS[kind]
+        if dt not in out:
+            out.append(dt)
+    return out
+
+
+def _run_tasks(task, keys: list, n: int) -> list:
+    """``[task(k) for k in keys]`` on ``n`` threads (in order); the first error cancels the rest."""
+    if n <= 1:
+        return [task(k) for k in keys]
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="pure-fast-fp") as pool:
+        futures = [pool.submit(task, k) for k in keys]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _lazy_parts(weights, kinds, *, known=None, cancel=None, max_workers=None) -> Parts:
+    """``fingerprint_parts`` of a lazy mapping: one task per tensor, which reads it once, hashes it in every
+    dtype needed and drops it (at most one tensor per worker in memory). Same digests as in memory."""
+    parts: Parts = dict(known or {})
+    todo = {}
+    for name in weights:
+        dts = [dt for dt in _kind_dtypes(weights.dtype, kinds) if (name, dt) not in parts]
+        if dts:
+            todo[name] = dts
+    if not todo:
+        return parts
+    order = sorted(todo, key=lambda n: -_numel_of(weights, n))
+
+    def task(name):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("fingerprint cancelled")
+        t = weights[name]
+        return {(name, dt): _digest_one(name, t, dt) for dt in todo[name]}
+
+    for got in _run_tasks(task, order, min(workers(len(order)), max_workers or len(order))):
+        parts.update(got)
+    return parts
+
+
+def stream_fingerprints(weights: Mapping[str, torch.Tensor], after=None) -> tuple[dict[str, str], dict[str, str]]:
+    """The fingerprints of a lazy mapping's weights, and of the weights after an edit, in one pass that
+    holds one tensor per worker: ``after(name, tensor)`` gives a changed weight's new value (None: unchanged).
+    Returns ``(base, result)``; the same digests as ``fingerprints`` of the weights in memory."""
+    base_dtypes = {n: _dtype_of(weights, n) for n in weights}
+    order = sorted(weights, key=lambda n: -_numel_of(weights, n))
+
+    def task(name):
+        t = weights[name]
+        mine = {(name, dt): _digest_one(name, t, dt) for dt in _kind_dtypes(t.dtype, KINDS)}
+        new = after(name, t) if after is not None else None
+        del t
+        if new is None:
+            return mine, None, None
+        return mine, {(name, dt): _digest_one(name, new, dt) for dt in _kind_dtypes(new.dtype, KINDS)}, new.dtype
+
+    base_parts: Parts = {}
+    result_parts: Parts = {}
+    result_dtypes = dict(base_dtypes)
+    for name, (mine, new_parts, new_dtype) in zip(order, _run_tasks(task, order, workers(len(order)))):
+        base_parts.update(mine)
+        result_parts.update(new_parts if new_parts is not None else mine)
+        if new_dtype is not None:
+            result_dtypes[name] = new_dtype
+    return _summarize_dtypes(base_parts, base_dtypes), _summarize_dtypes(result_parts, result_dtypes)
+
+
+def _kind_digest_dtypes(parts: Parts, dtypes: Mapping[str, torch.dtype], kind: str) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for name in sorted(weights):
-        dt = weights[name].dtype if kind == "exact" else CASTS[kind]
+    for name in sorted(dtypes):
+        dt = dtypes[name] if kind == "exact" else CASTS[kind]
         h.update(parts[(name, dt)])
     return h.hexdigest()
+
+
+def _summarize_dtypes(parts: Parts, dtypes: Mapping[str, torch.dtype]) -> dict[str, str]:
+    out = {"dtype": ",".join(sorted({str(d).replace("torch.", "") for d in dtypes.values()}))}
+    for kind in KINDS:
+        out[kind] = _kind_digest_dtypes(parts, dtypes, kind)
+    return out
+
+
+def kind_digest(parts: Parts, weights: Mapping[str, torch.Tensor], kind: str) -> str:
+    """The digest of one kind from per-tensor digests (sorted name order)."""
+    return _kind_digest_dtypes(parts, {n: _dtype_of(weights, n) for n in weights}, kind)
 
 
 def digest(weights: Mapping[str, torch.Tensor], cast: torch.dtype | None = None) -> str:
@@ -232,10 +329,7 @@ def digest(weights: Mapping[str, torch.Tensor], cast: torch.dtype | None = None)
 
 def summarize(parts: Parts, weights: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """The fingerprint dict (dtype + one digest per kind) from per-tensor digests covering every kind."""
-    out = {"dtype": dtypes_of(weights)}
-    for kind in KINDS:
-        out[kind] = kind_digest(parts, weights, kind)
-    return out
+    return _summarize_dtypes(parts, {n: _dtype_of(weights, n) for n in weights})
 
 
 def fingerprints(weights: Mapping[str, torch.Tensor], *, known: Parts | None = None) -> dict[str, str]:
@@ -246,7 +340,7 @@ def fingerprints(weights: Mapping[str, torch.Tensor], *, known: Parts | None = N
 def _cast_cost(kind: str, weights: Mapping[str, torch.Tensor]) -> int:
     if kind == "exact":
         return 0
-    return sum(t.numel() for t in weights.values() if t.dtype != CASTS[kind])
+    return sum(_numel_of(weights, n) for n in weights if _dtype_of(weights, n) != CASTS[kind])
 
 
 def matches(recorded: Mapping[str, str], weights: Mapping[str, torch.Tensor]) -> bool:

@@ -39,6 +39,10 @@ from .edit import Edit, _common_fields, register
 def group_by_shape(current: dict[str, torch.Tensor]) -> dict[tuple[int, ...], list[str]]:
     """Weight names grouped by shape (insertion order kept inside each group)."""
     groups: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    if getattr(current, "lazy", False):  # read from files on access: shapes from the headers
+        for name in current:
+            groups[tuple(current.shape(name))].append(name)
+        return dict(groups)
     for name, w in current.items():
         groups[tuple(w.shape)].append(name)
     return dict(groups)
@@ -97,13 +101,13 @@ class SharedRightEdit(Edit):
             return apply_shared(current, A=self.A.to(torch.float64))
         return apply_shared(current, U=self.U.to(torch.float64), V=self.V.to(torch.float64))
 
-    def rounded_new_weights(self, weights):
+    def rounded_new_weights(self, weights, names=None):
         """16-bit weights (fp16 / bf16): the update in fp32, rounded once (``ops.apply_edit.shared_rounded_fp32``:
         no float64 pass; error bound stated there). Other
         dtypes (fp32 models): the float64 route of the base class, as before."""
-        names = self.target_weights()
+        names = self.target_weights() if names is None else list(names)
         if not all(weights[n].dtype in LOW_PRECISION_STORAGE for n in names):
-            return super().rounded_new_weights(weights)
+            return super().rounded_new_weights(weights, names)
         new = shared_rounded_fp32([weights[n].detach() for n in names], U=self.U, V=self.V, A=self.A)
         return dict(zip(names, new))
 

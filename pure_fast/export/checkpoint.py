@@ -85,9 +85,9 @@ def model_folder(spec) -> str | None:
     return os.path.abspath(spec) if os.path.isdir(spec) else None
 
 
-def load_model_any(spec, *, config=None, device="cpu", dtype=None):
+def load_model_any(spec, *, config=None, device="cpu", dtype=None, parts="all"):
     """``pure_fast.load_model`` plus toy weights folders (as written by ``pure-fast apply --model toy``)."""
-    return load_model(spec, config=config, device=device, dtype=dtype)  # toy folders included
+    return load_model(spec, config=config, device=device, dtype=dtype, parts=parts)  # toy folders included
 
 
 def unet_weight_files(folder: str) -> list[str]:

@@ -35,6 +35,7 @@ into ``up`` of the other modules, which every consumer that loads the file scale
 from __future__ import annotations
 
 import collections
+import collections.abc
 import json
 import os
 from typing import Any
@@ -49,6 +50,21 @@ from .single_file import ldm_unet_key
 FORMATS = ("diffusers", "kohya")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def _model_of(unet_or_pipe):
+    """The UNet of a pipeline / adapter, or a text-only adapter itself (no UNet: its K/V weights are read
+    from the files, ``edit.model_kv_weights``), or None."""
+    if unet_or_pipe is None:
+        return None
+    if callable(getattr(unet_or_pipe, "kv_weights", None)):
+        return unet_or_pipe
+    return resolve_unet(unet_or_pipe)
+
+
+def _unet_config(model):
+    cfg = getattr(model, "config", None)
+    return cfg if cfg is not None else model.unet_config
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -86,7 +102,27 @@ def base_weights(edit: Edit, unet: torch.nn.Module, *, force: bool = False) -> d
         return {n: backups[n].detach().to(torch.float64) for n in edit.target_weights()}
     if not force:
         edit.check_fingerprint(unet, weights)
+    if getattr(weights, "lazy", False):  # read each from the files when it is used
+        return _Float64(weights.subset(edit.target_weights()))
     return {n: weights[n].detach().to(torch.float64) for n in edit.target_weights()}
+
+
+class _Float64(collections.abc.Mapping):
+    """A lazy K/V mapping whose tensors come out in float64 (``base_weights`` of a text-only adapter)."""
+
+    lazy = True
+
+    def __init__(self, weights):
+        self.weights = weights
+
+    def __getitem__(self, name):
+        return self.weights[name].to(torch.float64)
+
+    def __iter__(self):
+        return iter(self.weights)
+
+    def __len__(self):
+        return len(self.weights)
 
 
 def _truncate(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
@@ -170,7 +206,7 @@ def lora_factors(edit: Edit, unet_or_pipe=None, rank: int | None = None, *, forc
     the others (SPACE's sparse replacement weights, ...) need ``rank`` (truncated SVD of the dense ΔW).
     ``unet_or_pipe`` may be None only for kinds that need no base weights. ``device``: where the SVDs run.
     """
-    unet = resolve_unet(unet_or_pipe) if unet_or_pipe is not None else None
+    unet = _model_of(unet_or_pipe)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise UsageError(f"--rank must be a positive integer, got {rank!r}")
     refuse_patch(edit)
@@ -240,7 +276,7 @@ def _kohya_name(module: str, unet, names: str) -> str:
     if names == "ldm":
         if unet is None:
             raise UsageError("kohya LDM module names need the model's UNet config: pass --model")
-        module = ldm_unet_key(module + ".weight", unet.config)[: -len(".weight")]
+        module = ldm_unet_key(module + ".weight", _unet_config(unet))[: -len(".weight")]
     return "lora_unet_" + module.replace(".", "_")
 
 
@@ -278,7 +314,7 @@ def export_lora(edit: Edit, unet_or_pipe, path: str, format: str = "diffusers", 
     if kohya_names not in ("diffusers", "ldm"):
         raise UsageError(f"kohya_names must be 'diffusers' or 'ldm', got {kohya_names!r}")
     dt = _dtype(dtype)
-    unet = resolve_unet(unet_or_pipe) if unet_or_pipe is not None else None
+    unet = _model_of(unet_or_pipe)
     if kohya_names == "ldm" and format == "kohya" and unet is None:
         raise UsageError("kohya LDM module names need the model's UNet config: pass --model")
     factors, report = lora_factors(edit, unet, rank, force=force, device=device)
@@ -335,16 +371,19 @@ def export_unet_state_dict(edit: Edit, unet_or_pipe, path: str, *, dtype=None, f
     refuse_patch(edit, "UNet tensors")
     if unet_or_pipe is None:
         raise UsageError("an edited UNet state dict holds full weights: pass --model (the model the edit was made for)")
-    unet = resolve_unet(unet_or_pipe)
+    unet = _model_of(unet_or_pipe)
     base = base_weights(edit, unet, force=force)
     params = edit.validate_against(unet)
     names = list(edit.target_weights())
     dt = _dtype(dtype) if dtype is not None else None
     tensors = {}
-    computed = edit.new_weights({n: base[n] for n in names})
-    for name in names:
-        new = computed[name]
-        tensors[name] = new.to("cpu", dt or params[name].dtype).contiguous()
+    if getattr(base, "lazy", False):  # read from the files: one weight at a time
+        for name in names:
+            tensors[name] = edit.new_weights({name: base[name]})[name].to("cpu", dt or params.dtype).contiguous()
+    else:
+        computed = edit.new_weights({n: base[n] for n in names})
+        for name in names:
+            tensors[name] = computed[name].to("cpu", dt or params[name].dtype).contiguous()
     meta = {"format": "pt", "pure_fast.edit": json.dumps({"method": edit.method, "family": edit.family,
                                                           "edit_id": edit.edit_id, "kind": edit.kind}, sort_keys=True)}
     save_safetensors(tensors, path, metadata=meta)

@@ -34,6 +34,9 @@ class Method:
     options: type
     make_edit: Callable[["EraseContext"], Any]
     description: str
+    # what of a model the method reads: 'all' (the whole pipeline) or 'text' (the text encoder(s) and the K/V
+    # weights only, read lazily from the files: ``adapters.load_model(parts='text')``, ``adapters/text_only.py``)
+    model_parts: str = "all"
 
 
 _REGISTRY: dict[str, Method] = {}

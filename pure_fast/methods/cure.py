@@ -153,6 +153,7 @@ def make_edit(ctx: EraseContext) -> SharedRightEdit:
     with ctx.timed("tokens_s"):
         F, R, own_f, own_r = cure_tokens(ctx.adapter, forget, retain, ctx.forget_prompts, ctx.retain_prompts, opts,
                                          with_owners=True)
+        ctx.adapter.done_with_text()
         warn_cure_tokens(F, R, own_f, own_r, retain)
     with ctx.timed("solve_s"):
         U, V, k_f, k_r = cure_factors(F, R, float(opts.alpha), float(opts.rank_tol))
@@ -168,4 +169,4 @@ def make_edit(ctx: EraseContext) -> SharedRightEdit:
 
 
 METHOD = Method("cure", CureOptions, make_edit,
-                "CURE: soft spectral projector off the forget token directions, one right matrix for all layers")
+                "CURE: soft spectral projector off the forget token directions, one right matrix for all layers", model_parts="text")

@@ -77,7 +77,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..edits.edit import kv_weights
+from ..edits.edit import model_kv_weights
 from ..edits.shared import group_by_shape
 from ..edits.sparse import LAYOUTS, SparseWeightsEdit
 from ..ops.fista import fista_objective, fista_solve, lambda_max
@@ -148,8 +148,9 @@ def _solve_all(weights, chunks, M, B, mu, opts, warm, A, bar, solve_index, lam_m
     work = torch.float64 if opts.precision == "float64" else torch.float32
     out, stats = {}, []
     for shape, names in chunks:
-        dev = weights[names[0]].device
-        W0 = torch.stack([weights[n].detach().to(dev, torch.float64) for n in names])
+        W0 = [weights[n] for n in names]  # a lazy mapping reads each once here
+        dev = W0[0].device
+        W0 = torch.stack([w.detach().to(dev, torch.float64) for w in W0])
         N = right_mm(W0, B).to(work)
         if warm is not None:
             start = torch.stack([warm[n].to(dev, work) for n in names])
@@ -210,7 +211,8 @@ class _Predictor:
     of at most 2**22 entries of every weight)."""
 
     def __init__(self, weights, A, M, cap=2**22):
-        total = sum(w.numel() for w in weights.values())
+        shapes = group_by_shape(weights)  # from the headers for a lazy mapping (no read)
+        total = sum(s[0] * s[1] * len(n) for s, n in shapes.items())
         stride = max(1, -(-total // cap))
         diag = 2.0 * (M.diagonal() if isinstance(M, ShiftedLowRank) else torch.diagonal(M)).to(torch.float64)
         parts = []
@@ -292,8 +294,8 @@ def make_edit(ctx: EraseContext) -> SparseWeightsEdit:
     with ctx.timed("fista_s"):
         M, B, A, route = space_operators(tok, float(opts.lam), float(opts.erase_scale), s_p, opts.gram_route)
         names = target_names(adapter, opts.edit_keys, opts.edit_values)
-        kv = kv_weights(adapter.unet)
-        layers = {n: kv[n] for n in names}
+        kv = model_kv_weights(adapter)
+        layers = kv.subset(names) if getattr(kv, "lazy", False) else {n: kv[n] for n in names}  # lazy: read per chunk
         solved, fista_stats = space_solve(layers, M, B, opts, A=A, progress=ctx.progress)
         for n in names:
             check_finite("SPACE", "the solved weights", **{n: solved[n]})
@@ -318,4 +320,4 @@ def make_edit(ctx: EraseContext) -> SparseWeightsEdit:
 
 
 METHOD = Method("space", SpaceOptions, make_edit,
-                "SPACE: UCE's objective plus an L1 penalty (FISTA): sparse K/V weights")
+                "SPACE: UCE's objective plus an L1 penalty (FISTA): sparse K/V weights", model_parts="text")

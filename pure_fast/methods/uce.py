@@ -216,6 +216,7 @@ def prepare_tokens(method: str, ctx: EraseContext):
     guides = resolve_guides(opts.guide, forget)
     with ctx.timed("tokens_s"):
         tok = uce_tokens(ctx.adapter, forget, retain, ctx.forget_prompts, ctx.retain_prompts, opts)
+        ctx.adapter.done_with_text()
         warn_uce_tokens(method, tok, retain, float(opts.lam), dict(zip(forget, guides)))
     return tok, preserve_scale_of(opts, retain)
 
@@ -235,6 +236,6 @@ def make_edit(ctx: EraseContext) -> SharedRightEdit:
 
 
 METHOD = Method("uce", UCEOptions, make_edit,
-                "UCE: closed-form ridge edit of the K/V weights mapping forget tokens to a guide (text space)")
+                "UCE: closed-form ridge edit of the K/V weights mapping forget tokens to a guide (text space)", model_parts="text")
 
 __all__ = ["METHOD", "UCEOptions", "make_edit", "uce_factors", "uce_matrices", "uce_tokens", "Phrase"]
