@@ -78,7 +78,7 @@ def test_variance_basis_leaves_the_overlap_and_a_second_round_shrinks_it():
 # ---- the loop on a tiny pipeline ---------------------------------------------------------------------------
 def test_closed_loop_residual_never_increases_and_edit_stays_one_low_rank_edit(tiny_sd1, one_thread, tmp_path):
     e1 = pure_fast.erase(tiny_sd1, ["Van Gogh"], ["Claude Monet"], category="style", progress=False,
-                         fingerprint=False, **COLLECT)
+                         fingerprint=False, rounds=1, **COLLECT)
     e3 = pure_fast.erase(tiny_sd1, ["Van Gogh"], ["Claude Monet"], category="style", progress=False,
                          fingerprint=False, rounds=3, residual_tol=0.0, **COLLECT)
     res = e3.stats["residual"]
@@ -117,7 +117,8 @@ def test_paper_preset_is_exact_and_round_trips_through_edit_files(tiny_sd1, one_
 
     opts = build_options(get_method("pure"), values={"preset": "paper"}, category="colour")
     assert (opts.center, opts.forget_threshold, opts.retain_threshold, opts.rounds, opts.basis) == (
-        False, 0.95, 0.95, 1, "variance")  # toy thresholds do not leak into the paper preset
+        False, 0.95, 0.95, 1, "variance")  # neither toy thresholds nor the closed loop leak into it
+    assert PureOptions().rounds == 3  # the default (bench/sweep_pure.py) is the closed loop
     assert (opts.collect.steps, opts.collect.record_steps, opts.collect.seeds) == (10, 5, (0, 1))
     e = pure_fast.erase(tiny_sd1, ["Van Gogh"], ["Claude Monet"], category="style", progress=False,
                         preset="paper", size=32, seeds=(0,))

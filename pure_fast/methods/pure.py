@@ -79,7 +79,8 @@ class PureOptions:
     edit_values: bool = option(True, help="edit the to_v weights")
     basis: str = option("variance", choices=("variance", "specific"),
                         help="forget basis: 'variance' (paper) or 'specific' (outside the retain subspace)")
-    rounds: int = option(1, range=(1, 20, "[]"), use="an integer in [1, 20] (1 = open loop)",
+    # 3: chosen on the toy world's dev concepts (bench/sweep_pure.py, bench/results/sweep_pure.md)
+    rounds: int = option(3, range=(1, 20, "[]"), use="an integer in [1, 20] (1 = open loop)",
                          help="closed loop: at most this many erase rounds, re-measured on the edited model")
     residual_tol: float = option(0.05, range=(0, 1, "[)"),
                                  help="closed loop: stop once the anchors' forget-specific residual is below this")
