@@ -140,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="show what an edit file holds")
     p.add_argument("edit", metavar="EDIT")
+    p.add_argument("--residual", action="store_true",
+                   help="toy edits: measure where the forget concept survives (per layer and denoising step) "
+                        "on held-out prompts and fresh seeds")
+    p.add_argument("--out-dir", default=None, metavar="DIR",
+                   help="with --residual: write residual.json, residual.md and residual.png here")
+    p.add_argument("--seed", type=int, action="append", default=None,
+                   help="with --residual: evaluation seed (repeatable; default 7001 7002)")
+    p.add_argument("--steps", type=int, default=None, help="with --residual: DDIM steps (default 10)")
     _add_common(p)
 
     p = sub.add_parser("demo", help="the whole flow on the toy model (or a tiny random pipeline)")
@@ -461,7 +469,13 @@ def cmd_inspect(args) -> int:
     from .edits import fingerprint as fp
     from .edits.io import load_edit
 
+    if not args.residual and (args.out_dir or args.seed or args.steps is not None):
+        raise UsageError("--out-dir, --seed and --steps belong to --residual; add --residual")
     e = load_edit(args.edit)
+    if args.residual:
+        from .cli_eval import inspect_residual
+
+        return inspect_residual(args, e)
     info = e.inspect()
     info["file_bytes"] = os.path.getsize(args.edit)
     if getattr(e, "ranks", None):
@@ -487,6 +501,10 @@ def cmd_inspect(args) -> int:
         lines.append(f"run       {run['world_size']} processes (torch.distributed), " + (
             f"samples per rank: {', '.join(str(n) for n in per_rank)}" if isinstance(per_rank, list)
             else "each computed the whole edit (no trajectory to split)"))
+    if e.stats.get("residual"):
+        res = " -> ".join(f"{r:.3f}" for r in e.stats["residual"])
+        lines.append(f"loop      {e.stats.get('rounds', 1)} round(s); forget-specific residual on the anchors "
+                     f"after each: {res}")
     lines.append(f"base      {fp.short(e.base_fingerprint)}")
     lines.append(f"result    {fp.short(e.result_fingerprint)}")
     opts = {k: v for k, v in e.options.items() if k != "collect"}

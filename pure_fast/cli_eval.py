@@ -315,3 +315,58 @@ def _with_out_dir(fn):
 
 COMMANDS = {"eval": _with_out_dir(cmd_eval), "bench-quality": _with_out_dir(cmd_bench_quality),
             "probe": _with_out_dir(cmd_probe)}
+
+
+def inspect_residual(args, edit) -> int:
+    """``pure-fast inspect EDIT --residual``: where the forget concept survives ``edit`` on the toy model
+    (``evaluate/residual.py``); a text table on stdout (``--json``: the result), files with ``--out-dir``."""
+    import json
+
+    from .evaluate.residual import ResidualSettings, residual_plot, text_table, toy_residual
+    from .evaluate.toy_bench import json_ready
+    from .toy import world
+
+    if edit.family != "toy":
+        raise UsageError(f"--residual needs an edit of the toy model (this one is for {edit.family}): the "
+                         "diagnostic judges x0 predictions with the toy world's detectors")
+    unknown = [c for c in edit.concepts.get("forget", []) if c not in world.all_concepts()]
+    if unknown:
+        raise UsageError(f"--residual: {unknown[0]!r} is not a toy-world concept")
+    kw = {}
+    if args.seed:
+        kw["seeds"] = tuple(args.seed)
+    if args.steps is not None:
+        kw["steps"] = args.steps
+    s = ResidualSettings(**kw)
+    s.validate()
+    out = None
+    if args.out_dir:
+        out = os.path.abspath(args.out_dir)
+        if not os.path.isdir(os.path.dirname(out)):
+            raise UsageError(f"the folder that would hold --out-dir {args.out_dir} does not exist")
+    from .adapters import load_model
+
+    adapter = load_model("toy")
+    res = toy_residual(adapter, edit, settings=s)
+    res["command"] = _command_line_inspect(args)
+    text = text_table(res)
+    if out:
+        from .evaluate.report import write_json, write_text
+
+        os.makedirs(out, exist_ok=True)
+        write_json(os.path.join(out, "residual.json"), res)
+        write_text(os.path.join(out, "residual.md"), "```\n" + text + "```\n")
+        residual_plot([res], os.path.join(out, "residual.png"))
+    print(json.dumps(json_ready(res), indent=1) if args.json else text)
+    return 0
+
+
+def _command_line_inspect(args) -> str:
+    parts = ["pure-fast", "inspect", shlex.quote(args.edit), "--residual"]
+    for sd in args.seed or []:
+        parts += ["--seed", str(sd)]
+    if args.steps is not None:
+        parts += ["--steps", str(args.steps)]
+    if args.out_dir:
+        parts += ["--out-dir", shlex.quote(args.out_dir)]
+    return " ".join(parts)

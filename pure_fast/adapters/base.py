@@ -158,11 +158,14 @@ class ModelAdapter:
         scheduler: str | None = None,
         max_steps: int | None = None,
         on_step: OnStep | None = None,
+        on_x0: Callable[[int, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Run ``max_steps`` (default all) of a ``steps``-step schedule for every (prompt, seed) pair.
 
         ``cond`` has one row per sample (prompts already repeated per seed), ``seeds`` one seed per row.
         Returns the final latents [B, C, h, w]. With CFG the UNet batch is [negative; positive].
+        ``on_x0(step_index, x0)``: called after each step with the scheduler's prediction of the clean
+        latents (``pred_original_sample``; schedulers without it are refused when ``on_x0`` is given).
         """
         size = size or self.default_size
         guidance = self.default_guidance if guidance_scale is None else guidance_scale
@@ -186,7 +189,13 @@ class ModelAdapter:
             if do_cfg:
                 uncond, text = pred.chunk(2)
                 pred = uncond + guidance * (text - uncond)
-            latents = sched.step(pred, t, latents).prev_sample
+            out = sched.step(pred, t, latents)
+            latents = out.prev_sample
+            if on_x0 is not None:
+                x0 = getattr(out, "pred_original_sample", None)
+                if x0 is None:
+                    raise ValueError(f"{type(sched).__name__} gives no x0 prediction; use the ddim scheduler")
+                on_x0(i, x0)
         return latents
 
     def unet_forward(self, x: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:

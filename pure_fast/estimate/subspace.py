@@ -142,3 +142,49 @@ def warn_overlap(forget: dict[int, GroupBasis], retain: dict[int, GroupBasis], l
             f"only {worst:.1%} of the forget subspace lies outside the retain subspace); the edit changes those "
             "layers little. Retain concepts that are less similar to the forgotten one", stacklevel=2)
     return low
+
+
+def _projected_grams(acts: Activations, group: str, retain: dict[int, GroupBasis]) -> dict[int, torch.Tensor]:
+    """Per shape group: ``(I - P_R) H^T H (I - P_R)`` [L_g, d, d] float64 of one group's rows."""
+    stats = acts.stats[group]
+    out = {}
+    for d, idx in shape_groups(acts.layers).items():
+        st = [stats[i] for i in idx]
+        G = torch.stack([(s.gram if s.is_gram else s.matrix().T @ s.matrix()).double() for s in st])
+        V_R = retain[d].V.to(G.device, torch.float64) if d in retain else G.new_zeros(len(idx), d, 0)
+        P = torch.eye(d, dtype=torch.float64, device=G.device) - V_R @ V_R.transpose(1, 2)
+        out[d] = P @ G @ P
+    return out
+
+
+def specific_basis(acts: Activations, group: str, retain: dict[int, GroupBasis], threshold: float,
+                   max_rank: int | None = None) -> dict[int, GroupBasis]:
+    """Forget-*specific* basis: per layer, the top directions of the group's rows with the retain subspace
+    removed, ``H (I - P_R)``, up to ``threshold`` of that (uncentred) energy. Orthogonal to span(V_R), so
+    PURE's ``E = I - P_F (I - P_R)`` becomes the projector ``I - P_F``, and each layer's rank follows how
+    much forget-specific energy it holds, not the concept's total variance."""
+    from ..ops.batched_svd import subspace_basis
+
+    out = {}
+    for d, G in _projected_grams(acts, group, retain).items():
+        idx = shape_groups(acts.layers)[d]
+        if acts.stats[group][idx[0]].n_rows == 0:
+            out[d] = GroupBasis(idx, torch.zeros(len(idx), d, 0, dtype=torch.float64), torch.zeros(len(idx), dtype=torch.long))
+            continue
+        V, ranks, _ = subspace_basis(0.5 * (G + G.transpose(1, 2)), threshold, is_gram=True, max_rank=max_rank,
+                                     rel_floor=GRAM_REL_FLOOR)
+        out[d] = GroupBasis(idx, V, ranks.cpu())
+    return out
+
+
+def specific_energy(acts: Activations, group: str, measure: dict[int, GroupBasis],
+                    retain: dict[int, GroupBasis]) -> dict[int, float]:
+    """Per layer index: ``sum_rows ||Q^T (I - P_R) h||^2`` for the group's rows, Q = ``measure``'s basis
+    (the closed loop's residual: the forget-specific signal still present)."""
+    out = {}
+    for d, G in _projected_grams(acts, group, retain).items():
+        Q = measure[d].V.to(G.device, torch.float64)
+        e = torch.diagonal(Q.transpose(1, 2) @ G @ Q, dim1=1, dim2=2).sum(-1)
+        for j, i in enumerate(measure[d].layer_indices):
+            out[i] = float(e[j])
+    return out

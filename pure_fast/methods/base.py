@@ -68,8 +68,9 @@ def get_method(name: str) -> Method:
 
 
 def build_options(method: Method, options=None, values: dict | None = None, category: str | None = None):
-    """The method's options: ``options`` as given, or the category's preset updated with ``values``;
-    validated (the one place options are validated)."""
+    """The method's options: ``options`` as given, or the category's preset (or the named preset
+    ``values['preset']`` of the options class's ``PRESETS``) updated with ``values``; validated (the one
+    place options are validated)."""
     if options is not None:
         if values:
             raise UsageError("pass either options=... or keyword options, not both")
@@ -77,7 +78,12 @@ def build_options(method: Method, options=None, values: dict | None = None, cate
             raise UsageError(f"options for {method.name} must be {method.options.__name__}, "
                              f"not {type(options).__name__}")
     else:
-        options = options_from_values(method.options, {**method_preset(category, method.name), **(values or {})})
+        values = dict(values or {})
+        named = getattr(method.options, "PRESETS", {}).get(values.get("preset"))
+        # a named preset (PURE's preset='paper') replaces the category's and fixes every option it names;
+        # the caller's explicit values still override it
+        base = dict(named) if named is not None else method_preset(category, method.name)
+        options = options_from_values(method.options, {**base, **values})
     validate_options(options)
     return options
 
