@@ -1,7 +1,10 @@
-"""The toy model family: a 16x16 pixel-space UNet2DConditionModel conditioned on MiniLM token states.
+"""The toy model family: a UNet2DConditionModel conditioned on MiniLM token states.
 
-Same interface as the SD adapters; the base class's ``denoise`` / ``generate`` run it unchanged. Latents
-are pixels in [-1, 1] (3 x size x size); ``decode`` only maps them to uint8 PIL images.
+Same interface as the SD adapters; the base class's ``denoise`` / ``generate`` run it unchanged. v1 (16x16)
+works in pixel space: latents are pixels in [-1, 1] (3 x size x size). v2 (32x32, ``config.json`` has
+``"latent": {"kind": "space_to_depth", "factor": 2}``) works on the latents of an exact fixed "VAE":
+latents are the pixels space-to-depth'ed (3 f^2 x size/f x size/f), and ``decode`` depth-to-spaces them
+back before mapping to uint8, as an SD pipeline decodes with its VAE (scale factor f).
 """
 from __future__ import annotations
 
@@ -36,6 +39,12 @@ class ToyAdapter(ModelAdapter):
         self.max_tokens = int(pipe.config.get("text_encoder", {}).get("max_tokens", 32))
         self.null_caption = pipe.config.get("null_caption", "")
         self._neg_cache: torch.Tensor | None = None
+        latent = pipe.config.get("latent") or {"kind": "pixels"}
+        if latent.get("kind") not in ("pixels", "space_to_depth"):
+            from ..errors import ModelLoadError
+
+            raise ModelLoadError(f"toy model config: unknown latent kind {latent.get('kind')!r}")
+        self.vae_scale_factor = int(latent.get("factor", 1)) if latent["kind"] == "space_to_depth" else 1
 
     # ---- text -------------------------------------------------------------------------------------
     def encode_tokens(self, prompts: Sequence[str]) -> TokenEmbeddings:
@@ -66,7 +75,19 @@ class ToyAdapter(ModelAdapter):
 
     # ---- sampling ---------------------------------------------------------------------------------
     def latent_shape(self, size: int) -> tuple[int, int, int]:
-        return (3, size, size)
+        f = self.vae_scale_factor
+        if size % f:
+            from ..errors import UsageError
+
+            raise UsageError(f"size {size} is not a multiple of the toy model's VAE scale factor {f}")
+        return (3 * f * f, size // f, size // f)
+
+    def _pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> uint8 images [B, H, W, 3] (tensor)."""
+        x = latents.detach().float()
+        if self.vae_scale_factor > 1:
+            x = torch.nn.functional.pixel_shuffle(x, self.vae_scale_factor)  # exact inverse of the encoding
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
 
     def make_scheduler(self, name: str | None = None):
         if name is None:
@@ -76,14 +97,12 @@ class ToyAdapter(ModelAdapter):
     def decode(self, latents: torch.Tensor):
         from PIL import Image
 
-        x = ((latents.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        arr = x.permute(0, 2, 3, 1).cpu().numpy()
+        arr = self._pixels(latents).cpu().numpy()
         return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
     def decode_array(self, latents: torch.Tensor) -> np.ndarray:
         """Latents -> uint8 [B, H, W, 3] (what the detectors take)."""
-        x = ((latents.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return x.permute(0, 2, 3, 1).cpu().numpy()
+        return self._pixels(latents).cpu().numpy()
 
 
 def load_toy(device="cpu", dtype=torch.float32, weights_dir: str | Path | None = None) -> ToyAdapter:

@@ -47,10 +47,12 @@ def _hsv(images: np.ndarray):
     return h % 360.0, sat, mx
 
 
-def colour_probs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(probs [B, n_colours], foreground fraction [B]) from hue statistics of saturated pixels."""
-    names = world.CATEGORIES["colour"]
-    centres = np.array([world.HUES[c] for c in names])
+def colour_probs(images: np.ndarray, hues: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(probs [B, n_colours], foreground fraction [B]) from hue statistics of saturated pixels.
+    ``hues``: colour name -> hue centre in degrees (default: this world's ``world.HUES``)."""
+    hues = hues or world.HUES
+    names = list(hues)
+    centres = np.array([hues[c] for c in names])
     hue, sat, val = _hsv(images)
     fg = (sat >= SAT_MIN) & (val >= VAL_MIN)
     w = np.where(fg, sat, 0.0)  # [B, H, W]
@@ -63,9 +65,9 @@ def colour_probs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return probs, fg.mean((1, 2))
 
 
-def detect_colour(images: np.ndarray) -> tuple[list[str], np.ndarray]:
-    probs, frac = colour_probs(images)
-    names = world.CATEGORIES["colour"]
+def detect_colour(images: np.ndarray, hues: dict[str, float] | None = None) -> tuple[list[str], np.ndarray]:
+    probs, frac = colour_probs(images, hues)
+    names = list(hues or world.HUES)
     labels = [names[int(i)] if f >= MIN_FG_FRACTION else "none" for i, f in zip(probs.argmax(-1), frac)]
     return labels, probs
 
@@ -92,10 +94,10 @@ class ShapeBackgroundNet(nn.Module):
         return f, {c: h(f) for c, h in self.heads.items()}
 
 
-def _to_input(images: np.ndarray) -> torch.Tensor:
+def _to_input(images: np.ndarray, size: int = CNN_SIZE) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    if x.shape[-1] != CNN_SIZE or x.shape[-2] != CNN_SIZE:
-        x = torch.nn.functional.interpolate(x, size=(CNN_SIZE, CNN_SIZE), mode="area")
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="area")
     return x
 
 

@@ -1,0 +1,148 @@
+"""The v2 toy model: SD-like shape, the exact space-to-depth VAE, training steps, resumption, and PURE through
+the adapter on a randomly initialised v2 UNet."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pure_fast.toy.v2 import model as M
+
+
+def _meta_unet(cfg):
+    with torch.device("meta"):
+        return M.build_unet(cfg)
+
+
+def test_config_meets_the_sd_shape_constraints():
+    unet = _meta_unet(M.UNET_CONFIG)
+    assert M.sd_shape_violations(unet) == []
+    s = M.shape_summary(unet)
+    assert s["levels"] >= 3 and min(s["kv_widths"]) >= 128 and min(s["head_channels"]) >= 32
+    # cross-attention in every down, mid and up block: 3 down + 1 mid + 2 per up level
+    assert s["cross_attention_layers"] == 3 + 1 + 2 * 3
+    for _, m in ((n, m) for n, m in unet.named_modules() if n.endswith("attn2")):
+        assert m.to_k.in_features == 384 and m.to_k.out_features == m.to_v.out_features >= 128
+    # the fp16 export fits the 40 MB budget
+    assert s["parameters"] * 2 <= 40e6
+    # the check can fail: v1's narrow shape, two levels, and 16-channel heads are each refused
+    narrow = _meta_unet(M.unet_config((32, 64, 64)))
+    assert any("K/V width 32" in v for v in M.sd_shape_violations(narrow))
+    two = _meta_unet(M.unet_config((128, 128)))
+    assert any("resolution levels" in v for v in M.sd_shape_violations(two))
+    small_heads = _meta_unet(M.unet_config((128, 128, 128), heads=(8, 8, 8)))
+    assert any("heads of 16 channels" in v for v in M.sd_shape_violations(small_heads))
+    no_attn_top = _meta_unet(dict(M.UNET_CONFIG, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                                                   "CrossAttnDownBlock2D")))
+    assert any("down_blocks.0 has no transformer block" in v for v in M.sd_shape_violations(no_attn_top))
+
+
+def test_space_to_depth_vae_is_exact():
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32))).float() / 127.5 - 1
+    z = M.encode_pixels(x)
+    assert z.shape == (3, 12, 16, 16)
+    assert torch.equal(M.decode_latents(z), x)
+    # each latent pixel holds its 2x2 pixel block
+    assert torch.equal(z[0, :, 3, 5].view(3, 2, 2), x[0, :, 6:8, 10:12])
+
+
+TINY = "32,32,32"
+
+
+def _train_args(out, *extra):
+    return ["--channels", TINY, "--batch-size", "2", "--steps", "4", "--warmup", "2", "--ckpt-every", "1000",
+            "--out", str(out), "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from pure_fast.adapters.toy import weights_available  # noqa: F401
+    from pure_fast.toy.text import model_dir
+
+    try:
+        model_dir()
+    except Exception:  # noqa: BLE001
+        pytest.skip("MiniLM text encoder package not installed")
+
+
+def test_step_data_is_a_function_of_seed_and_step():
+    from pure_fast.toy.v2.train import step_batch
+
+    a = step_batch(0, 5, 3, 0.1, "cpu")
+    b = step_batch(0, 5, 3, 0.1, "cpu")
+    c = step_batch(0, 6, 3, 0.1, "cpu")
+    assert all(torch.equal(x, y) for x, y in zip((a[0], a[2], a[3]), (b[0], b[2], b[3]))) and a[1] == b[1]
+    assert not torch.equal(a[0], c[0])
+    assert a[0].shape == (3, 12, 16, 16) and a[0].abs().max() <= 1
+
+
+def _load_run(out):
+    from safetensors.torch import load_file
+
+    return {n: load_file(str(out / f"{n}.safetensors")) for n in ("model", "ema", "optim")}, \
+        json.loads((out / "state.json").read_text())
+
+
+def test_training_runs_and_resume_equals_uninterrupted(tmp_path, minilm):
+    from pure_fast.toy.v2 import train
+
+    torch.set_num_threads(1)
+    train.main(_train_args(tmp_path / "a"))
+    train.main(_train_args(tmp_path / "b", "--stop-at", "2"))
+    mid, st_mid = _load_run(tmp_path / "b")
+    assert st_mid["step"] == 2 and st_mid["data_rng"]["next_step"] == 2
+    train.main(_train_args(tmp_path / "b", "--resume"))
+    a, st_a = _load_run(tmp_path / "a")
+    b, st_b = _load_run(tmp_path / "b")
+    assert st_a["step"] == st_b["step"] == 4
+    for part in a:
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    # training changed the weights, and the loss is finite
+    assert any(not torch.equal(mid["model"][k], a["model"][k]) for k in a["model"])
+    assert np.isfinite(st_a["final_loss"])
+    assert st_a["running_loss"] == st_b["running_loss"]
+
+
+def _random_v2_folder(tmp_path, channels=(32, 32, 32)):
+    """A weights folder with a randomly initialised v2-structured UNet (config.json + unet.safetensors)."""
+    from safetensors.torch import save_file
+
+    cfg = M.unet_config(channels)
+    torch.manual_seed(0)
+    unet = M.build_unet(cfg)
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(tmp_path / "unet.safetensors"))
+    meta = {"unet": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+            "scheduler": M.SCHEDULER_CONFIG, "text_encoder": {"max_tokens": 32}, "size": 32, "latent": M.LATENT,
+            "null_caption": ""}
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    return tmp_path
+
+
+def test_adapter_and_pure_on_a_random_v2_unet(tmp_path, minilm):
+    import pure_fast
+    from pure_fast.adapters.toy import load_toy
+
+    torch.set_num_threads(1)
+    adapter = load_toy(weights_dir=_random_v2_folder(tmp_path))
+    assert adapter.vae_scale_factor == 2 and adapter.latent_shape(32) == (12, 16, 16)
+    assert adapter.default_size == 32
+    lat = adapter.denoise(adapter.encode(["a red letter Q"]), [3], steps=2)
+    assert lat.shape == (1, 12, 16, 16)
+    img = adapter.decode_array(lat)
+    assert img.shape == (1, 32, 32, 3) and img.dtype == np.uint8
+    # decoding is the exact depth-to-space of the latents (up to the uint8 rounding)
+    px = torch.from_numpy(img).permute(0, 3, 1, 2).float() / 127.5 - 1
+    z = M.encode_pixels(px)
+    assert torch.allclose(z, lat.clamp(-1, 1), atol=1 / 127.5)
+    layers = adapter.cross_attention_layers()
+    assert len(layers) == 10
+    before = {n: t.clone() for n, t in adapter.unet.state_dict().items() if "attn2.to_" in n}
+    edit = pure_fast.erase(adapter, ["letter Q"], ["letter R"], method="pure", templates=["a red {}", "a blue {}"],
+                           steps=2, record_steps=2, seeds=(0,), progress=False, fingerprint=False)
+    edit.apply(adapter, check=False)
+    changed = [n for n, t in adapter.unet.state_dict().items() if n in before and not torch.equal(t, before[n])]
+    assert changed and all(".to_k." in n or ".to_v." in n for n in changed)
+    edit.revert(adapter)
+    assert all(torch.equal(adapter.unet.state_dict()[n], t) for n, t in before.items())
