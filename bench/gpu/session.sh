@@ -21,6 +21,15 @@
 #                apply (shared_apply: UCE/CURE's apply, float64 vs fp32 route), then compile_e2e (PURE end to
 #                end, compiled collection vs eager: SDXL 1 + 50 concepts, SD1.5 50). If the budget ran out
 #                before compile_e2e finished: `bash bench/gpu/session.sh issue16_compile` runs it alone.
+#   train_toy_v2 : trains the v2 toy model (pure_fast/toy/v2) for TOY_MIN (6.5) minutes at batch TOY_BATCH
+#                (256), bf16 autocast, then its card (CFG scale chosen on dev concepts, per-concept canonical
+#                and held-out accuracy, 4 seeds). Carry .gpu_carry_toy instead (bench/gpu/fetch_carry_toy.sh:
+#                the diffusers wheel + MiniLM in fp16); no native build. Brings back in $OUT/toy_v2/: the fp16
+#                EMA weights split in 15 MiB parts (unet.safetensors.part0..2; `cat` them back), config.json,
+#                model_card.json, MODEL_CARD.md, the trainer's state.json. The full fp32 checkpoint (model,
+#                EMA, AdamW moments: 16 bytes/parameter, ~290 MB) cannot come back (64 MiB per call): a later
+#                run continues from the weights with --init-from (a warm start, fresh optimizer).
+#                  run(command="bash bench/gpu/session.sh train_toy_v2", carry=[".gpu_carry_toy"], timeout_s=600)
 # Results come back under $OUT (at most 8 files): the GPU results JSON, bench/README.md with its tables
 # regenerated, the test log and this script's log. Commit them to bench/results/ and bench/README.md.
 # DEVICE=cpu (with PY=.venv/bin/python, BENCHES=hook) dry-runs the plumbing on a machine without a GPU.
@@ -35,6 +44,29 @@ DEVICE=${DEVICE:-cuda}
 BENCHES=${BENCHES:-hook,estimate,apply,fista,csr,swap}
 export HF_HUB_OFFLINE=1 PURE_FAST_PROGRESS=0
 echo "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null) on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
+if [ "$what" = train_toy_v2 ]; then
+  carry=${TOY_CARRY:-.gpu_carry_toy}
+  [ -d "$carry/minilm_fp16" ] || { echo "no $carry/minilm_fp16: run bench/gpu/fetch_carry_toy.sh here first"; exit 3; }
+  if ls "$carry"/*.whl >/dev/null 2>&1; then $PY -m pip install -q --no-deps --no-index "$carry"/*.whl || exit 3; fi
+  export PURE_FAST_MINILM_DIR="$PWD/$carry/minilm_fp16" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+  run=${TOY_RUN:-/tmp/toy_v2_run} weights=${TOY_WEIGHTS:-/tmp/toy_v2_weights} status=0
+  # shellcheck disable=SC2086
+  $PY -m pure_fast.toy.v2.train --device "$DEVICE" --time-budget "${TOY_MIN:-6.5}" --batch-size "${TOY_BATCH:-256}" \
+      --threads "${TOY_THREADS:-8}" --out "$run" --export "$weights" --no-progress ${TOY_TRAIN_ARGS:-} || status=1
+  if [ -f "$weights/unet.safetensors" ]; then
+    # shellcheck disable=SC2086
+    $PY -m pure_fast.toy.v2.card --weights "$weights" --device "$DEVICE" --threads "${TOY_THREADS:-8}" \
+        ${TOY_CARD_ARGS:---guidance-sweep 1.5,2,3,4 --canonical-per-concept 20 --batch-size 1024} || status=1
+    mkdir -p "$OUT/toy_v2"
+    split -b 15M -d -a 1 "$weights/unet.safetensors" "$OUT/toy_v2/unet.safetensors.part"
+    cp "$weights/config.json" "$weights/model_card.json" "$weights/MODEL_CARD.md" "$OUT/toy_v2/"
+  else
+    status=1
+  fi
+  [ -f "$run/state.json" ] && mkdir -p "$OUT/toy_v2" && cp "$run/state.json" "$OUT/toy_v2/state.json"
+  echo "== done, status $status; files in $OUT/toy_v2: $(ls "$OUT/toy_v2" 2>/dev/null | tr '\n' ' ')"
+  exit $status
+fi
 if ls .gpu_carry/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-deps --no-index .gpu_carry/*.whl || exit 3
 else

@@ -214,6 +214,8 @@ def main(argv=None):
     from ...adapters.toy import load_toy
 
     wd = Path(args.weights)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     adapter = load_toy(device=args.device, weights_dir=wd)
     t0 = time.time()
     sweep = None

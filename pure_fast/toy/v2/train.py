@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -164,9 +165,11 @@ def build(args):
     return unet, opt, ema, state, unet_config
 
 
-def train_step(unet, opt, ema: dict, alphas: torch.Tensor, step: int, total: int, args, device) -> float:
-    """One optimisation step on the data of ``step``; updates the EMA; returns the loss."""
-    x0, captions, noise, t = step_batch(args.seed, step, args.batch_size, args.caption_dropout, device)
+def train_step(unet, opt, ema: dict, alphas: torch.Tensor, step: int, total: int, args, device,
+               data=None) -> float:
+    """One optimisation step on the data of ``step`` (``data``: its ``step_batch``, if already drawn);
+    updates the EMA; returns the loss."""
+    x0, captions, noise, t = data or step_batch(args.seed, step, args.batch_size, args.caption_dropout, device)
     noise, t = noise.to(device), t.to(device)
     cond = encode_captions(captions, device)
     a = alphas[t].view(-1, 1, 1, 1)
@@ -197,7 +200,7 @@ def main(argv=None):
     device = torch.device(args.device)
     out = Path(args.out)
     unet, opt, ema, state, unet_config = build(args)
-    state.update(device=str(device), threads=torch.get_num_threads(),
+    state.update(device=str(device), threads=torch.get_num_threads(), batch_size=args.batch_size,
                  device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                  autocast="bf16" if device.type == "cuda" else "none (fp32)")
     print(f"unet params: {M.n_params(unet) / 1e6:.2f}M, device {device}, threads {torch.get_num_threads()}, "
@@ -211,6 +214,8 @@ def main(argv=None):
     t_rate, step_rate0 = None, state["step"]
     running = state.get("running_loss")
     stop_at = args.stop_at if args.stop_at is not None else math.inf
+    pool = ThreadPoolExecutor(1) if device.type == "cuda" else None
+    nxt, nxt_step = None, None
     with progress_bar(total=(state["total_steps"] or args.steps) - state["step"], desc="train toy v2",
                       enabled=not args.no_progress) as bar:
         while state["step"] < (state["total_steps"] or args.steps) and state["step"] < stop_at:
@@ -223,7 +228,12 @@ def main(argv=None):
             if step - step_rate0 == 2:  # rate measured after the first (warm-up) steps
                 t_rate, step_rate0 = time.time(), step
             c0 = time.process_time()
-            lv = train_step(unet, opt, ema, alphas, step, state["total_steps"] or args.steps, args, device)
+            # the next step's data are drawn in a thread while this step runs (they depend on (seed, step) only)
+            data = nxt.result() if nxt is not None and nxt_step == step else None
+            if pool is not None:  # CUDA: overlap the CPU-side data work with the GPU
+                nxt, nxt_step = pool.submit(step_batch, args.seed, step + 1, args.batch_size,
+                                            args.caption_dropout, device), step + 1
+            lv = train_step(unet, opt, ema, alphas, step, state["total_steps"] or args.steps, args, device, data)
             # CPU seconds per step of this process: the rate a shared CPU machine cannot distort
             state["process_seconds_last_step"] = round(time.process_time() - c0, 3)
             running = lv if running is None else 0.98 * running + 0.02 * lv
