@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NATIVE_STAMP := $(VENV)/.native
 
-.PHONY: demo test test-slow test-all lint native bench bench-gpu gpu-carry fuzz clean
+.PHONY: demo test test-slow test-all lint native bench bench-gpu gpu-carry gpu-carry-toy fuzz clean
 
 $(STAMP): requirements-dev.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ bench-gpu: $(NATIVE_STAMP)
 # then run `bash bench/gpu/session.sh checks` and `... end_to_end` there with .gpu_carry carried (bench/README.md)
 gpu-carry: $(STAMP)
 	PY=$(PY) sh bench/gpu/fetch_carry.sh
+
+# before a GPU session that trains the v2 toy model: the diffusers wheel + MiniLM in fp16 into .gpu_carry_toy/;
+# then `bash bench/gpu/session.sh train_toy_v2` there with .gpu_carry_toy carried (pure_fast/toy/v2/README.md)
+gpu-carry-toy: $(STAMP)
+	PY=$(PY) sh bench/gpu/fetch_carry_toy.sh
 
 # bounded fuzzing of the native CSR reader (libFuzzer + ASan/UBSan with clang, else a g++ driver); not in `make test`
 FUZZ_SECONDS ?= 60
