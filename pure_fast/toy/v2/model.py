@@ -14,7 +14,8 @@ Shape (``UNET_CONFIG``), checked by ``sd_shape_violations`` (and the tests):
 - widths 128 / 192 / 192 (K/V output of every ``attn2`` is 128 or 192 wide), heads of 32 channels
   (diffusers' ``attention_head_dim`` is the number of heads: 4 / 6 / 6). SD1.5: 320 / 640 / 1280 / 1280
   (K/V 320-1280, heads 8 x 40-160 ch); SDXL: 320 / 640 / 1280 (cross-attention only at 640 and 1280, heads
-  of 64 ch, K/V 640-1280). So our widths are 0.1-0.4x SD1.5's and 0.15-0.3x SDXL's, our heads 0.5-0.8x.
+  of 64 ch, K/V 640-1280). Our K/V widths are 0.40x SD1.5's narrowest and 0.15x its widest, 0.20x SDXL's
+  narrowest and 0.15x its widest; our heads are 0.8x SD1.5's narrowest and 0.5x SDXL's.
 - 18.06M parameters (fp16 export 36 MB), 2.37 GFLOP per sample forward at 16x16 latents.
 """
 from __future__ import annotations

@@ -232,7 +232,7 @@ def fill(template: str, **forms: str | None) -> str:
             raise KeyError(f"unknown slot {key!r}; use one of {SLOTS} or a category")
         if value:
             by_slot[slot] = value
-    return _fix_articles(" ".join(template.format(**by_slot).split(" ")).replace("  ", " ").strip())
+    return _fix_articles(" ".join(template.format(**by_slot).split()))  # an empty slot leaves no double space
 
 
 def sample_caption(
