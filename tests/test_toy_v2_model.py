@@ -146,3 +146,25 @@ def test_adapter_and_pure_on_a_random_v2_unet(tmp_path, minilm):
     assert changed and all(".to_k." in n or ".to_v." in n for n in changed)
     edit.revert(adapter)
     assert all(torch.equal(adapter.unet.state_dict()[n], t) for n, t in before.items())
+
+
+def test_card_measures_and_lists_every_concept(tmp_path, minilm):
+    from pure_fast.adapters.toy import load_toy
+    from pure_fast.toy.v2 import card, detectors, world
+
+    if not (detectors.WEIGHTS_DIR / "detector.safetensors").exists():
+        pytest.skip("v2 detector weights not shipped")
+    torch.set_num_threads(1)
+    wd = _random_v2_folder(tmp_path)
+    adapter = load_toy(weights_dir=wd)
+    acc = card.measure(adapter, ["Q", "teal"], seeds=(1000, 1001), steps=1, canonical_per_concept=2,
+                       heldout_per_concept=1, progress=False)
+    assert set(acc) == {"Q", "teal"}
+    for a in acc.values():
+        assert a["n_heldout"] == 2 and a["n_canonical"] >= 4 and 0 <= a["canonical"] <= 1 and 0 <= a["heldout"] <= 1
+    c = card.write_card(wd, accuracy=acc, evaluation={"seeds": [1000, 1001]})
+    md = (wd / "MODEL_CARD.md").read_text()
+    assert c["shape"]["violations"]  # the 32-wide test UNet is refused by the shape check
+    for concept in world.all_concepts():  # every concept is listed, measured or not
+        assert f"| {concept} |" in md
+    assert "**not measured**" in md and "Below the requirement" in md
