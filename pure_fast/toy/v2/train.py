@@ -196,6 +196,8 @@ def train_step(unet, opt, ema: dict, alphas: torch.Tensor, step: int, total: int
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.calibrate < 1 or args.batch_size < 1 or args.steps < 1:
+        raise SystemExit("--calibrate, --batch-size and --steps must be >= 1")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     out = Path(args.out)
@@ -220,13 +222,13 @@ def main(argv=None):
                       enabled=not args.no_progress) as bar:
         while state["step"] < (state["total_steps"] or args.steps) and state["step"] < stop_at:
             step = state["step"]
-            if state["total_steps"] is None and step - step_rate0 == args.calibrate:
+            if t_rate is None and step - step_rate0 == 2:  # the rate is measured after two warm-up steps
+                t_rate, step_rate0 = time.time(), step
+            if state["total_steps"] is None and t_rate is not None and step - step_rate0 == args.calibrate:
                 rate = args.calibrate / (time.time() - t_rate)
-                left = args.time_budget * 60 - state["elapsed"]
+                left = args.time_budget * 60 - (time.time() - t_start)
                 state["total_steps"] = int(min(args.steps, step + max(0.0, left) * rate * 0.97))
                 print(f"calibrated: {rate:.2f} steps/s -> total_steps {state['total_steps']}", flush=True)
-            if step - step_rate0 == 2:  # rate measured after the first (warm-up) steps
-                t_rate, step_rate0 = time.time(), step
             c0 = time.process_time()
             # the next step's data are drawn in a thread while this step runs (they depend on (seed, step) only)
             data = nxt.result() if nxt is not None and nxt_step == step else None
