@@ -177,7 +177,7 @@ def measure(adapter, concepts=None, *, seeds=tuple(range(SEED_BASE, SEED_BASE + 
     det = detect(imgs)
     hits: dict[str, dict[str, list[int]]] = {c: {"canonical": [], "heldout": []} for c in concepts}
     k = 0
-    for p, lab in canon.items():
+    for lab in canon.values():
         for _ in seeds:
             for cat, want in lab.items():
                 if want in hits:
