@@ -13,6 +13,7 @@ import time
 from . import api, distributed
 from .adapters.loading import is_toy_spec
 from .errors import PureFastError, UsageError, one_line
+from .fileio import _CREATED_DIRS, make_parents
 from .methods import EraseContext, get_method, method_names
 from .options import option_specs
 
@@ -47,25 +48,6 @@ def _seed(text: str) -> int:
     if not 0 <= v < 2**63:
         raise argparse.ArgumentTypeError(f"seed {v} is out of range; use an integer in [0, 2**63)")
     return v
-
-
-# output folders a command created for its outputs; removed again (when still empty) if the command fails
-_CREATED_DIRS: list[str] = []
-
-
-def make_parents(path: str, flag: str = "--out") -> str:
-    """Create the missing parent folders of the output ``path`` (as users expect); returns the absolute path."""
-    out = os.path.abspath(path)
-    missing, p = [], os.path.dirname(out)
-    while not os.path.exists(p):
-        missing.append(p)
-        p = os.path.dirname(p)
-    if not os.path.isdir(p):
-        raise UsageError(f"{flag} {path}: {p} is a file, not a folder")
-    for d in reversed(missing):
-        os.mkdir(d)
-        _CREATED_DIRS.append(d)
-    return out
 
 
 def edit_out_path(path: str, flag: str = "--out") -> str:

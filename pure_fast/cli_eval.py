@@ -112,7 +112,7 @@ def _fresh_out_dir(path: str):
     """A temp folder beside ``path``; the caller moves its files into ``path`` at the end."""
     import tempfile
 
-    from .cli import make_parents
+    from .fileio import make_parents
 
     path = make_parents(path, "--out-dir")
     parent = os.path.dirname(path)

@@ -568,8 +568,6 @@ def map_jobs(jobs: Sequence, run: Callable[[Any], Any], what: str, *, progress: 
 def merge_group_stats(stats: dict[str, list], order: Sequence[str], device: torch.device) -> dict[str, list]:
     """Every rank's ``GroupStats`` (one contiguous block of the single-process batches each) merged into the
     statistics one process would hold, on every rank. See the module docstring for rows vs Gram."""
-    from .collect.activations import GroupStats
-
     if not active():
         return {g: stats[g] for g in order}
     with stage("packing statistics"):
@@ -599,7 +597,7 @@ def merge_group_stats(stats: dict[str, list], order: Sequence[str], device: torc
         for li, s in enumerate(stats[g]):
             if int(total[gi, li]) > s.max_rows:
                 continue
-            merged = GroupStats(s.d, s.max_rows)
+            merged = type(s)(s.d, s.max_rows)
             for r, (lens, flat) in enumerate(zip(all_lengths, all_rows)):
                 k = lens[pos[r]]
                 for n in lens[pos[r] + 1 : pos[r] + 1 + k]:
@@ -626,7 +624,7 @@ def merge_group_stats(stats: dict[str, list], order: Sequence[str], device: torc
         go = so = 0
         for g, li, s in reduced:
             gi = order.index(g)
-            merged = GroupStats(s.d, s.max_rows, n_rows=int(total[gi, li]))
+            merged = type(s)(s.d, s.max_rows, n_rows=int(total[gi, li]))
             merged.gram = grams[go : go + s.d * s.d].view(s.d, s.d)
             merged.row_sum = sums[so : so + s.d]
             go += s.d * s.d

@@ -19,7 +19,7 @@ import shutil
 import struct
 import tempfile
 
-from .errors import EditFileError, PureFastError
+from .errors import EditFileError, PureFastError, UsageError
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -157,3 +157,22 @@ def load_safetensors(path: str, err=EditFileError) -> tuple[dict, dict]:
     except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
         raise err(f"{path} is not a valid safetensors file: {str(exc).splitlines()[0]}") from None
     return tensors, header.get("__metadata__", {}) or {}
+
+
+# output folders a command created for its outputs; removed again (when still empty) if the command fails
+_CREATED_DIRS: list[str] = []
+
+
+def make_parents(path: str, flag: str = "--out") -> str:
+    """Create the missing parent folders of the output ``path`` (as users expect); returns the absolute path."""
+    out = os.path.abspath(path)
+    missing, p = [], os.path.dirname(out)
+    while not os.path.exists(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise UsageError(f"{flag} {path}: {p} is a file, not a folder")
+    for d in reversed(missing):
+        os.mkdir(d)
+        _CREATED_DIRS.append(d)
+    return out
