@@ -36,7 +36,8 @@ def main(argv=None) -> int:
         return 2
     if new != text:
         report.write_text(args.readme, new)
-    print(f"{args.readme}: results block {'rewritten' if new != text else 'already up to date'} from {args.json}")
+    src = args.json if bench is not None else "nothing (no results file)"
+    print(f"{args.readme}: results block {'rewritten' if new != text else 'already up to date'} from {src}")
     return 0
 
 
