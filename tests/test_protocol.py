@@ -354,3 +354,38 @@ def test_bench_quality_cli_refuses_own_seeds(tmp_path, capsys):
     assert main(["bench-quality", "--quick", "--seeds", "2", "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert "fixed seed sets" in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_bench_quality_pipeline_with_a_stand_in_generator(monkeypatch, tmp_path):
+    """Every step after generation (detection, per-set numbers, spreads, pooled FID, multi-concept sets, the
+    report files) on the unedited row, with the diffusion model replaced by renders of a fixed scene: fast, and
+    the numbers are known (a generator that always draws a red circle on stripes)."""
+    from dataclasses import replace
+
+    from pure_fast.evaluate import quality_bench as qb
+
+    scene = world.render("circle", "red", "stripes", 0)
+
+    def fake_generate(adapter, prompts, seeds, **kw):
+        return np.stack([scene] * len(prompts)) if len(prompts) else np.zeros((0,) + scene.shape, np.uint8)
+
+    monkeypatch.setattr(tb, "generate_arrays", fake_generate)
+    s = replace(qb.QUICK, n_anchor=1, n_heldout=1, n_forget_canonical=1)
+    bench = qb.bench_quality(None, [], quick=True, settings=s, multi_settings=replace(s, n_neighbour=1),
+                             presets={"world": world.__name__, "methods": {}}, progress=False)
+    row = bench["single"][0]
+    red = row["concepts"]["red"]
+    assert red["target"]["anchor"] == 1.0 and red["spread"]["target_anchor"]["half_range"] == 0.0
+    assert row["concepts"]["circle"]["target"]["heldout"] == 1.0 and row["concepts"]["stripes"]["target"]["rate"] == 1.0
+    assert len(row["summary"]["hmean"]["values"]) == 3 and row["summary"]["hmean"]["mean"] == 0.0  # erased nothing
+    # the retention images all show one scene: far from renders of the asked labels, FID above its floor
+    assert row["summary"]["fid"]["mean"] > row["summary"]["fid_floor"]["mean"] >= 0
+    multi = bench["multi"][0]["sets"]
+    assert list(multi) == [st["name"] for st in protocol.multi_concept_sets()]
+    k1 = multi[next(iter(multi))]
+    assert k1["summary"]["target_anchor"]["mean"] == (1.0 if k1["forget"] == ["red"] else 0.0)
+    assert k1["summary"]["kept"]["mean"] == 0.0  # the other colours are never drawn
+    paths = report.write_bench(tb.json_ready(bench), str(tmp_path))
+    md = open(paths["md"]).read()
+    assert "## Several concepts in one edit" in md and "none (unedited)" in md
+    assert report.readme_block(tb.json_ready(bench)).count("none (unedited)") == 2
