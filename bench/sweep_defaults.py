@@ -122,7 +122,9 @@ def markdown(doc: dict) -> str:
              f"World `{doc['world']}`; dev concepts: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in doc["dev_concepts"].items())
              + f"; tuning seeds {doc['tuning_seeds']} (disjoint from the report's seed sets); budget {doc['budget']} "
              "configurations per method. Objective: mean H-mean over the dev concepts (each erased alone; fixed "
-             "attack families, no greedy search). Chosen = highest objective (first on ties).", ""]
+             "attack families, no greedy search). Chosen = highest objective (first on ties). Erase s: PURE and ActErase "
+             "collect once per dev concept (first configuration) and reuse it (`reuse_collections`), so later rows "
+             "show the estimation time only; a method without its section was not run.", ""]
     for m, res in doc["methods"].items():
         lines += [f"## {m}", "", "| options | objective | target anchor | target held-out | retention | quality | erase s |",
                   "|---|---|---|---|---|---|---|"]
