@@ -5,7 +5,8 @@
   them), measure every forget concept (and the unedited model, method 'none'), write ``eval.json``,
   ``eval.png`` (terms and H-mean), ``samples_<method>_<concept>.png`` (before | after) and the edit files.
 - ``pure-fast bench-quality [--out-dir bench/results] [--quick] [--method M ...]``: every available method
-  (and 'none') on 3 concepts per category; writes ``quality.md``, ``quality.json``, ``quality.png``.
+  (and 'none') on the toy world's test concepts under the protocol (``evaluate/quality_bench.py``: tuned and
+  paper defaults, 3 seed sets, multi-concept sets); writes ``quality.md``, ``quality.json``, ``quality.png``.
 - ``pure-fast probe [--out-dir bench/results] [--quick]``: the linear-probe comparison of Fig. 2 of the PURE paper (arXiv:2605.25765)
   (text-embedding basis vs cross-attention-activation basis); writes ``probe.md/json/png``.
 
@@ -47,11 +48,24 @@ def _settings(args):
     from .evaluate.toy_bench import EvalSettings
 
     s = EvalSettings.quick() if args.quick else EvalSettings()
-    kw = {}
+    kw = _generation_overrides(args)
     if args.seeds is not None:
         if args.seeds < 1:
             raise UsageError(f"--seeds {args.seeds} must be >= 1")
-        kw["seeds"] = tuple(range(args.seeds))
+        from .evaluate.protocol import SEED_SETS
+
+        first = SEED_SETS[0][0]  # fresh seeds: never a method's collection seeds (protocol.check_eval_seeds)
+        kw["seeds"] = tuple(range(first, first + args.seeds))
+    from dataclasses import replace
+
+    s = replace(s, **kw)
+    s.validate()
+    return s
+
+
+def _generation_overrides(args) -> dict:
+    """--steps and --batch-size as EvalSettings fields (validated)."""
+    kw = {}
     if args.steps is not None:
         if not 1 <= args.steps <= 1000:
             raise UsageError(f"--steps {args.steps} is out of range; use [1, 1000]")
@@ -60,11 +74,7 @@ def _settings(args):
         if args.batch_size < 1:
             raise UsageError(f"--batch-size {args.batch_size} must be >= 1")
         kw["batch_size"] = args.batch_size
-    from dataclasses import replace
-
-    s = replace(s, **kw)
-    s.validate()
-    return s
+    return kw
 
 
 def _threads(args) -> None:
@@ -144,7 +154,7 @@ def cmd_eval(args) -> int:
     _threads(args)
     from . import distributed
 
-    writer = distributed.is_writer()  # under torchrun: rank 0 writes, every rank evaluates its share
+    writer = distributed.is_writer()  # under torchrun rank 0 writes; the protocol bench is not sharded yet
     out, tmp = _fresh_out_dir(args.out_dir) if writer else (None, None)
     try:
         from .adapters import load_model
@@ -206,20 +216,30 @@ def cmd_bench_quality(args) -> int:
 
     _check_toy(args)
     methods, missing = _check_methods(args.method or [])
-    settings = _settings(args)
+    if args.seeds is not None:
+        raise UsageError("bench-quality evaluates on the protocol's 3 fixed seed sets "
+                         "(pure_fast/evaluate/protocol.py: SEED_SETS); drop --seeds")
+    from dataclasses import replace
+
+    from .evaluate import quality_bench
+
+    s = quality_bench.QUICK if args.quick else quality_bench.FULL
+    ms = quality_bench.MULTI_QUICK if args.quick else quality_bench.MULTI_FULL
+    kw = _generation_overrides(args)
+    s, ms = replace(s, **kw), replace(ms, **kw)
     _threads(args)
     from . import distributed
 
-    writer = distributed.is_writer()  # under torchrun: rank 0 writes, every rank evaluates its share
+    writer = distributed.is_writer()  # under torchrun rank 0 writes; the protocol bench is not sharded yet
     out, tmp = _fresh_out_dir(args.out_dir) if writer else (None, None)
     try:
         from .adapters import load_model
-        from .evaluate import report, toy_bench
+        from .evaluate import report
 
         with distributed.stage("load"):
             adapter = load_model("toy", device=args.device)
-        bench = toy_bench.bench_quality(adapter, methods, None, settings, progress=not args.quiet,
-                                        command=_command_line(args))
+        bench = quality_bench.bench_quality(adapter, methods, quick=args.quick, settings=s, multi_settings=ms,
+                                            progress=not args.quiet and writer, command=_command_line(args))
         if not writer:
             return 0
         bench["unavailable"] = {**missing, **bench.get("unavailable", {})}
@@ -232,10 +252,11 @@ def cmd_bench_quality(args) -> int:
     if args.json:
         import json
 
-        print(json.dumps({"out_dir": out, "files": names, "hmean": {m: r["hmean"] for m, r in bench["rows"].items()},
-                          "seconds": bench["seconds"]}))
+        print(json.dumps({"out_dir": out, "files": names, "seconds": bench["seconds"],
+                          "hmean": {f"{r['method']}/{r['variant']}": (r["summary"] or {}).get("hmean")
+                                    for r in bench["single"]}}))
     else:
-        print(report.quality_markdown(bench).split("\n\nSettings:")[0])
+        print(report.quality_markdown(bench).split("\n\nH-mean per category")[0])
         print(f"wrote {', '.join(names)} to {out} in {bench['seconds']:.0f} s")
     return 0
 
@@ -270,8 +291,10 @@ def cmd_probe(args) -> int:
 def _add_eval_common(p) -> None:
     p.add_argument("--out-dir", default=None, metavar="DIR", help="output folder (eval: eval_out; bench-quality "
                    "and probe: bench/results)")
-    p.add_argument("--quick", action="store_true", help="small settings (1 seed, fewer prompts and a smaller greedy search; 6 DDIM steps)")
-    p.add_argument("--seeds", type=int, default=None, metavar="N", help="evaluation seeds 0..N-1")
+    p.add_argument("--quick", action="store_true", help="small settings (fewer prompts and a smaller greedy search "
+                   "or none; 6 DDIM steps)")
+    p.add_argument("--seeds", type=int, default=None, metavar="N", help="eval: evaluation seeds 100..100+N-1 (fresh: "
+                   "never a collection seed); bench-quality uses the protocol's fixed seed sets")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps of the evaluation images")
     p.add_argument("--batch-size", type=int, default=None, help="samples per UNet call")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -290,7 +313,8 @@ def add_commands(sub, add_model, add_common) -> None:
     add_common(p)
     p.set_defaults(out_dir_default="eval_out")
 
-    p = sub.add_parser("bench-quality", help="every available method on 3 concepts per toy category")
+    p = sub.add_parser("bench-quality", help="every available method on the toy world's test concepts (protocol: "
+                       "tuned and paper defaults, 3 seed sets, multi-concept sets)")
     add_model(p)
     p.add_argument("--method", action="append", default=None, help="restrict to these methods (default: all available)")
     _add_eval_common(p)

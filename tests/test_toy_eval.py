@@ -12,7 +12,7 @@ from pure_fast.evaluate import attacks
 from pure_fast.evaluate import toy_bench as tb
 from pure_fast.toy import world
 
-TINY = tb.EvalSettings.quick(n_anchor=3, n_heldout=3, n_attack=1, n_forget_canonical=2, greedy_substitute=2,
+TINY = tb.EvalSettings.quick(seeds=(100,), n_anchor=3, n_heldout=3, n_attack=1, n_forget_canonical=2, greedy_substitute=2,
                              greedy_insert=1)
 
 

@@ -2,7 +2,7 @@
 
 Steps: load the toy model; erase ``red`` (retain: the benchmark's default neighbours) with PURE at its
 defaults for the colour category; measure the unedited and the edited model with the benchmark
-(``toy_bench.evaluate_concept``, small settings: 2 seeds, 6 DDIM steps); write into ``--out-dir``:
+(``toy_bench.evaluate_concept``, small settings: 2 fresh seeds (never the collection seeds, ``protocol.check_eval_seeds``), 6 DDIM steps); write into ``--out-dir``:
 
 - ``edit.safetensors``: the edit file (apply it with ``pure-fast generate --model toy --edit ...``);
 - ``before_after.png``: rows = anchor (forget), held-out paraphrase, attack and neighbour (retain) prompts,
@@ -23,7 +23,7 @@ DEMO_CONCEPT = "red"
 def demo_settings():
     from .toy_bench import EvalSettings
 
-    return EvalSettings(seeds=(0, 1), steps=6, n_anchor=6, n_heldout=6, n_attack=2, n_forget_canonical=4,
+    return EvalSettings(seeds=(100, 101), steps=6, n_anchor=6, n_heldout=6, n_attack=2, n_forget_canonical=4,
                         n_neighbour=1, greedy_base=1, greedy_substitute=6, greedy_insert=2,
                         greedy_search_seeds=(1000, 1001))
 
