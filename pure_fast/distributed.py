@@ -610,7 +610,7 @@ def merge_group_stats(stats: dict[str, list], order: Sequence[str], device: torc
     if reduced:
         with stage("packing statistics"):
             grams, sums = [], []
-            for g, li, s in reduced:
+            for _g, _li, s in reduced:
                 if s.is_gram:
                     grams.append(s.gram.float().reshape(-1).to(device))
                 elif s.rows:
