@@ -239,10 +239,13 @@ def test_cli_erase_inspect(tiny_sd1_dir, tmp_path, capsys):
 # ------------------------------------------------------------------ the default: μ searched for the paper's sparsity
 
 
-def test_default_reaches_paper_sparsity_on_toy_and_erases(toy):
-    """Default options (no μ): 85 % ± 2 % zeros (the paper: 80-90 %), in few warm-started solves, and the erasure
-    holds: red's K/V go to the BOS token's (the guide ''), blue's stay, as with UCE."""
-    e = pure_fast.erase(toy, ["red"], ["blue", "green"], method="space", history_every=0, progress=False)
+def test_paper_sparsity_is_reached_on_toy_and_erases(toy):
+    """The paper's default target (no μ): 85 % ± 2 % zeros (the paper: 80-90 %), in few warm-started solves, and
+    the erasure holds: red's K/V go to the BOS token's (the guide ''), blue's stay, as with UCE. (On the toy
+    model the category is inferred from the concepts, so the toy colour preset applies unless the target is
+    given: asked for explicitly here.)"""
+    e = pure_fast.erase(toy, ["red"], ["blue", "green"], method="space", target_sparsity=0.85, history_every=0,
+                        progress=False)
     assert e.options["mu"] is None and e.options["target_sparsity"] == 0.85
     search = e.stats["mu_search"]
     assert 1 <= len(search) <= 8 and e.stats["mu"] == e.options["mu_used"] > 0
