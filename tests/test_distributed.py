@@ -44,15 +44,18 @@ def _api_worker(rank, out):
         pipe = build_tiny_pipeline(fam)
         kw = dict(FAST_COLLECT, batch_size=2)
         pure_fast.erase(pipe, **STYLE, **kw).save(f"{out}/{fam}_rank{rank}.safetensors")
-        # Gram mode: every group past max_rows -> Gram matrices all-reduced
-        pure_fast.erase(pipe, **STYLE, **kw, max_rows=4).save(f"{out}/{fam}_gram_rank{rank}.safetensors")
+        # Gram mode: every group past max_rows -> Gram matrices all-reduced. One round: PURE's closed loop
+        # (default rounds=3) re-estimates on the edited model, which amplifies the all-reduce's summation-order
+        # differences (measured 4.2e-5 relative on tiny SD1 with 3 rounds); the bound is for one reduction.
+        pure_fast.erase(pipe, **STYLE, **kw, max_rows=4, rounds=1).save(f"{out}/{fam}_gram_rank{rank}.safetensors")
         if fam == "sd1":  # ActErase collects too (sharded); UCE reads text only (every rank computes it)
             pure_fast.erase(pipe, **STYLE, method="acterase", **kw).save(f"{out}/acterase_rank{rank}.safetensors")
             pure_fast.erase(pipe, **STYLE, method="uce").save(f"{out}/uce_rank{rank}.safetensors")
         if rank == 0:
             with distributed.local():  # exactly the single-process path, same thread count
                 pure_fast.erase(pipe, **STYLE, **kw).save(f"{out}/{fam}_single.safetensors")
-                pure_fast.erase(pipe, **STYLE, **kw, max_rows=4).save(f"{out}/{fam}_gram_single.safetensors")
+                pure_fast.erase(pipe, **STYLE, **kw, max_rows=4, rounds=1).save(
+                    f"{out}/{fam}_gram_single.safetensors")
                 if fam == "sd1":
                     pure_fast.erase(pipe, **STYLE, method="acterase", **kw).save(f"{out}/acterase_single.safetensors")
                     pure_fast.erase(pipe, **STYLE, method="uce").save(f"{out}/uce_single.safetensors")
@@ -98,7 +101,10 @@ def test_pure_edit_bit_identical_to_single_process(api_run, fam):
         assert e.stats["rows"] == single.stats["rows"]
         per_rank = e.stats["distributed"]["samples_per_rank"]
         n = sum(single.stats["rows"].values()) // FAST_COLLECT["record_steps"]  # samples (1 seed)
-        assert sum(per_rank) == n and min(per_rank) > 0
+        # the first split is the edit's first collection (PURE's closed loop collects the forget anchors
+        # again in later rounds, which the total also counts)
+        first = e.stats["distributed"]["splits"][0]["samples_per_rank"]
+        assert sum(first) == n and min(first) > 0 and sum(per_rank) >= n
 
 
 @pytest.mark.parametrize("fam", ["sd1", "sdxl"])
