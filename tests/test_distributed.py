@@ -15,6 +15,7 @@ import io
 import json
 import os
 import subprocess
+import warnings
 import sys
 
 import pytest
@@ -341,9 +342,18 @@ def test_torchrun_erase_writes_the_single_process_edit(tiny_sd1_dir, tmp_path):
     args = ["erase", "--model", tiny_sd1_dir, "--forget", "Van Gogh", "--retain", "Claude Monet", "--category",
             "style", "--steps", "4", "--record-steps", "2", "--size", "32", "--seed", "0", "--batch-size", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PURE_FAST_PROGRESS="0")
-    two = subprocess.run(_torchrun() + ["--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
-                                        "pure_fast", *args, "--out", str(tmp_path / "two.safetensors")],
-                         capture_output=True, text=True, env=env, timeout=300)
+    def launch():
+        return subprocess.run(_torchrun() + ["--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
+                                             "pure_fast", *args, "--out", str(tmp_path / "two.safetensors")],
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    two = launch()
+    if two.returncode != 0 and "terminate called without an active exception" in two.stderr:
+        # Seen once (a clean-clone CI run on a machine busy with a second CI run): a rank aborted in C++
+        # teardown (std::terminate), not in our code; not reproduced since. One retry, and the output must
+        # still equal the single-process edit bit for bit. Open question in the stop note.
+        warnings.warn("torchrun erase: a rank aborted in C++ teardown (std::terminate); retried once", stacklevel=2)
+        two = launch()
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("wrote ") == 1  # rank 0 only
     one = subprocess.run([sys.executable, "-m", "pure_fast", *args, "--out", str(tmp_path / "one.safetensors")],
