@@ -159,10 +159,11 @@ def test_eval_cli_pure_lowers_target_rate(toy, tmp_path):
     before, after = res["none"]["concepts"]["red"], res["pure"]["concepts"]["red"]
     assert doc["provenance"]["command"].startswith("pure-fast eval") and doc["provenance"]["versions"]["torch"]
     assert before["target"]["rate"] >= 0.9
-    # measured (PURE toy defaults, forget 0.99 / retain 0.9): held-out 1.0 -> 0.25, anchor 1.0 -> 1.0,
-    # retention 1.0, quality 0.89, H-mean 0 -> 0.65
-    assert after["target"]["heldout"] <= 0.5 and before["target"]["heldout"] >= 0.9
-    assert after["target"]["rate"] <= before["target"]["rate"] - 0.25, (before["target"], after["target"])
+    # measured on the evaluation seeds (100+, never the collection seeds; 3-round closed loop): held-out
+    # 1.0 -> 0.69, anchor 1.0 -> 0.88, retention 0.96, quality 0.86, H-mean 0 -> 0.49 (the old <= 0.5 bound
+    # was measured on the collection seeds)
+    assert after["target"]["heldout"] <= 0.8 and before["target"]["heldout"] >= 0.9
+    assert after["target"]["rate"] <= before["target"]["rate"] - 0.1, (before["target"], after["target"])
     assert after["retention"]["rate"] >= 0.75 and after["quality"]["score"] >= 0.5
     assert after["hmean"] > before["hmean"] + 0.3
     assert not math.isnan(after["quality"]["score"])
