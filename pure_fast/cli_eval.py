@@ -154,7 +154,7 @@ def cmd_eval(args) -> int:
     _threads(args)
     from . import distributed
 
-    writer = distributed.is_writer()  # under torchrun rank 0 writes; the protocol bench is not sharded yet
+    writer = distributed.is_writer()  # under torchrun the jobs are dealt over the ranks; rank 0 writes
     out, tmp = _fresh_out_dir(args.out_dir) if writer else (None, None)
     try:
         from .adapters import load_model
@@ -230,7 +230,7 @@ def cmd_bench_quality(args) -> int:
     _threads(args)
     from . import distributed
 
-    writer = distributed.is_writer()  # under torchrun rank 0 writes; the protocol bench is not sharded yet
+    writer = distributed.is_writer()  # under torchrun the jobs are dealt over the ranks; rank 0 writes
     out, tmp = _fresh_out_dir(args.out_dir) if writer else (None, None)
     try:
         from .adapters import load_model

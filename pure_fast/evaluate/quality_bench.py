@@ -13,9 +13,9 @@ What it measures (``evaluate/protocol.py`` holds the rules, ``toy_bench.py`` the
   retention of the not-erased test members of the category and of the other categories, quality, FID and
   erase time.
 
-Order of work: the unedited model, every method's paper default, then per method its tuned default, the
-presets file being read again just before (so the benchmark may start while ``bench/sweep_defaults.py``
-still tunes the later methods; each row records the options it ran with).
+Order of work: the unedited model, every method's paper default, every method's tuned default (the presets
+file is read once, at the start), then the multi-concept sets. Under torchrun the jobs are dealt over the ranks
+and the document is the same as a single process's (plus ``world_size``).
 
 ``--quick`` measures one test concept per category with fewer prompts (same seed sets, no greedy search);
 the full run every test concept with the greedy attack.
@@ -89,9 +89,15 @@ def summarize(results: Sequence[dict], n_sets: int, keys: dict) -> dict:
 def bench_quality(adapter, methods: Sequence[str] | None = None, *, quick: bool = False,
                   settings: EvalSettings | None = None, multi_settings: EvalSettings | None = None,
                   presets: dict | None = None, multi: bool = True, progress: bool = True,
-                  command: str | None = None) -> dict:
-    """Run the benchmark (see the module docstring) and return its JSON-ready document."""
-    from ..progress import progress_bar
+                  command: str | None = None, concepts: dict[str, list[str]] | None = None) -> dict:
+    """Run the benchmark (see the module docstring) and return its JSON-ready document.
+
+    ``concepts`` ({category: [test concepts]}) narrows the single-concept part (default: ``bench_concepts``).
+    Inside a torch.distributed process group (``torchrun ... -m pure_fast bench-quality``) the jobs -- one per
+    (row, concept) and one per (method, multi-concept set) -- are dealt over the ranks, each computed exactly as
+    one process computes it (``distributed.map_jobs``), and gathered in job order: the same numbers as a
+    single-process run, with ``world_size`` recorded."""
+    from .. import distributed
 
     t0 = time.perf_counter()
     s = settings or (QUICK if quick else FULL)
@@ -99,7 +105,7 @@ def bench_quality(adapter, methods: Sequence[str] | None = None, *, quick: bool 
     for st in (s, ms):
         st.validate()
         protocol.check_seed_sets(st.sets())
-    concepts = bench_concepts(quick)
+    concepts = {cat: list(cs) for cat, cs in (concepts or bench_concepts(quick)).items() if cs}
     protocol.check_split([c for cs in concepts.values() for c in cs], "test")
     sets = protocol.multi_concept_sets() if multi else []
     protocol.check_split([c for m in sets for c in m["forget"]], "test")
@@ -110,48 +116,63 @@ def bench_quality(adapter, methods: Sequence[str] | None = None, *, quick: bool 
     methods = [m for m in methods if m != "none"]
     n_sets = len(s.sets())
     flat = [c for cs in concepts.values() for c in cs]
+    if presets is None:
+        presets = protocol.load_presets()
 
-    fixed = presets is not None
-    current = {"presets": presets if fixed else protocol.load_presets()}
-
-    def presets_now() -> dict | None:
-        """The presets as they are now: a given dict, else re-read (per method, just before its tuned rows, so a
-        sweep still running when the benchmark starts can finish the later methods first)."""
-        if not fixed:
-            current["presets"] = protocol.load_presets()
-        return current["presets"]
-
+    # Rows in report order; every row's options per category are fixed before any work starts.
     rows = [{"method": "none", "variant": "unedited", "options": None}]
     for m in methods:
         rows += [{"method": m, "variant": "tuned"}, {"method": m, "variant": "paper"}]
-    for row in rows:
+    opts_of: dict[tuple[int, str], object] = {}
+    for i, row in enumerate(rows):
         row.update(concepts={}, errors={}, erase_s={}, options_by_category={})
-    row_of = {(r["method"], r["variant"]): r for r in rows}
-    work = len(rows) * len(flat) + (len(methods) + 1) * len(sets)
+        if row["method"] != "none":
+            row["preset"] = bool(presets and row["method"] in presets.get("methods", {}))
+        for cat in concepts:
+            o = None if row["method"] == "none" else variant_options(row["method"], row["variant"], cat, presets)
+            opts_of[(i, cat)] = o
+            row["options_by_category"][cat] = asdict(o) if o is not None else None
+    # A tuned row whose options equal the paper default's (per category) is measured once, in the paper row.
+    copy_from: dict[tuple[int, str], int] = {}
+    for i, row in enumerate(rows):
+        if row["variant"] == "tuned":
+            j = i + 1  # its paper row
+            for cat in concepts:
+                if row["options_by_category"][cat] == rows[j]["options_by_category"][cat]:
+                    copy_from[(i, cat)] = j
+                    rows[j]["same_as"] = "tuned"
 
-    def run_row(row, bar, other=None):
-        """Evaluate ``row`` on every concept; a concept whose options equal ``other``'s is copied from it."""
+    # Jobs: the unedited model, every paper default, every tuned default, then the multi-concept sets.
+    order = [0] + [i for i, r in enumerate(rows) if r["variant"] == "paper"] + \
+            [i for i, r in enumerate(rows) if r["variant"] == "tuned"]
+    jobs = [("single", i, c) for i in order for c in flat if (i, world.category_of(c)) not in copy_from]
+    multi_methods = ["none"] + methods
+    jobs += [("multi", m, k) for m in multi_methods for k in range(len(sets))]
+
+    def run_job(job):
+        if job[0] == "single":
+            _, i, c = job
+            row = rows[i]
+            r = toy_bench.evaluate_method(adapter, row["method"], [c], None, s,
+                                          options=opts_of[(i, world.category_of(c))], presets=presets)
+        else:
+            _, m, k = job
+            st = sets[k]
+            opts = None if m == "none" else variant_options(m, "tuned", world.category_of(st["forget"][0]), presets)
+            r = toy_bench.evaluate_method(adapter, m, st["forget"], None, ms, options=opts, presets=presets,
+                                          multi=True)
+        return {key: v for key, v in r.items() if key != "edit"}
+
+    results = dict(zip(jobs, distributed.map_jobs(jobs, run_job, "bench-quality", progress=progress)))
+
+    for i, row in enumerate(rows):
         for c in flat:
-            if hasattr(bar, "set_postfix_str"):
-                bar.set_postfix_str(f"{row['method']}/{row['variant']}:{c}")
             cat = world.category_of(c)
-            opts = None if row["method"] == "none" else variant_options(row["method"], row["variant"], cat,
-                                                                         current["presets"])
-            row["options_by_category"][cat] = asdict(opts) if opts is not None else None
-            if other is not None and other["options_by_category"].get(cat) == row["options_by_category"][cat] \
-                    and c in other["concepts"]:
-                row_of[(row["method"], "paper")]["same_as"] = "tuned"
-                row["concepts"][c], row["erase_s"][c] = other["concepts"][c], other["erase_s"][c]
-                bar.update(1)
-                continue
-            r = toy_bench.evaluate_method(adapter, row["method"], [c], None, s, options=opts,
-                                          presets=current["presets"])
+            r = results[("single", copy_from.get((i, cat), i), c)]
             if "error" in r:
                 row["errors"][c] = r["error"]
             else:
-                row["concepts"][c] = r["concepts"][c]
-                row["erase_s"][c] = r["erase_s"]
-            bar.update(1)
+                row["concepts"][c], row["erase_s"][c] = r["concepts"][c], r["erase_s"]
         got = list(row["concepts"].values())
         row["summary"] = summarize(got, n_sets, SUMMARY_KEYS) if got else None
         row["categories"] = {cat: protocol.spread(_per_set_mean(
@@ -159,40 +180,21 @@ def bench_quality(adapter, methods: Sequence[str] | None = None, *, quick: bool 
             for cat, cs in concepts.items()}
         row["erase_s_mean"] = float(np.mean(list(row["erase_s"].values()))) if row["erase_s"] else None
 
-    def run_multi(m, bar):
+    multi_rows = []
+    for m in multi_methods:
         mrow = {"method": m, "variant": "unedited" if m == "none" else "tuned", "sets": {}, "errors": {},
-                "preset": bool(current["presets"] and m in current["presets"].get("methods", {}))}
-        for st in sets:
-            if hasattr(bar, "set_postfix_str"):
-                bar.set_postfix_str(f"{m}:{st['name']}")
-            cat = world.category_of(st["forget"][0])
-            opts = None if m == "none" else variant_options(m, "tuned", cat, current["presets"])
-            r = toy_bench.evaluate_method(adapter, m, st["forget"], None, ms, options=opts,
-                                          presets=current["presets"], multi=True)
+                "preset": bool(presets and m in presets.get("methods", {}))}
+        for k, st in enumerate(sets):
+            r = results[("multi", m, k)]
             if "error" in r:
                 mrow["errors"][st["name"]] = r["error"]
-            else:
-                res = r["multi"]
-                mrow["sets"][st["name"]] = {"k": st["k"], "forget": st["forget"], "erase_s": r["erase_s"],
-                                            "summary": summarize([res], len(ms.sets()), MULTI_KEYS),
-                                            "kept_concepts": res["kept"]["concepts"],
-                                            "other_concepts": res["other"]["concepts"], "result": res}
-            bar.update(1)
-        return mrow
-
-    # Order: the unedited model, every paper default, then per method its tuned default (presets read then).
-    multi_rows = []
-    with progress_bar(total=work, desc="bench-quality", enabled=progress) as bar:
-        run_row(rows[0], bar)
-        multi_rows.append(run_multi("none", bar))
-        for m in methods:
-            run_row(row_of[(m, "paper")], bar)
-        for m in methods:
-            p = presets_now()
-            row_of[(m, "tuned")]["preset"] = bool(p and m in p.get("methods", {}))
-            run_row(row_of[(m, "tuned")], bar, other=row_of[(m, "paper")])
-            multi_rows.append(run_multi(m, bar))
-    presets = current["presets"]
+                continue
+            res = r["multi"]
+            mrow["sets"][st["name"]] = {"k": st["k"], "forget": st["forget"], "erase_s": r["erase_s"],
+                                        "summary": summarize([res], len(ms.sets()), MULTI_KEYS),
+                                        "kept_concepts": res["kept"]["concepts"],
+                                        "other_concepts": res["other"]["concepts"], "result": res}
+        multi_rows.append(mrow)
 
     return {
         "benchmark": "toy-world quality under the protocol (pure_fast.evaluate.quality_bench)",
@@ -208,4 +210,5 @@ def bench_quality(adapter, methods: Sequence[str] | None = None, *, quick: bool 
         "settings": s.to_json(), "multi_settings": ms.to_json(),
         "single": rows, "multi": multi_rows,
         "seconds": round(time.perf_counter() - t0, 1), "provenance": toy_bench.provenance(command),
+        "world_size": distributed.processes(),
     }
