@@ -60,6 +60,9 @@ def parse_args(argv=None):
                    help="space-to-depth factor of the exact VAE (default: model.LATENT)")
     p.add_argument("--export", default="", help="folder for the fp16 EMA weights + config + card ('' = none)")
     p.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) at this step; --resume continues")
+    p.add_argument("--set-total", type=int, default=None,
+                   help="with --resume: move the planned total (where the LR schedule ends) to this step from here on "
+                        "(a stretch on a slower or busier machine than calibrated); recorded in state.json")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -110,7 +113,7 @@ def export(ema: dict, unet_config: dict, state: dict, args, weights_dir: Path) -
     save_safetensors({k: v.half().contiguous() for k, v in ema.items()}, str(weights_dir / "unet.safetensors"),
                      metadata={"format": "pt", "source": "pure_fast.toy.v2.train (EMA)"})
     training = {k: state.get(k) for k in ("step", "total_steps", "steps_per_second", "final_loss", "device",
-                                          "device_name", "threads", "elapsed")}
+                                          "device_name", "threads", "elapsed", "total_changes")}
     training.update(batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
                     caption_dropout=args.caption_dropout, seed=args.seed, time_budget_min=args.time_budget,
                     lr_schedule="linear warm-up, cosine to 10% at total_steps", autocast=state.get("autocast"),
@@ -207,6 +210,12 @@ def main(argv=None):
     device = torch.device(args.device)
     out = Path(args.out)
     unet, opt, ema, state, unet_config = build(args)
+    if args.set_total is not None:
+        if not args.resume or args.set_total <= state["step"]:
+            raise SystemExit(f"--set-total needs --resume and a total past the checkpoint's step {state['step']}")
+        state.setdefault("total_changes", []).append(
+            {"at_step": state["step"], "from": state["total_steps"], "to": args.set_total})
+        state["total_steps"] = args.set_total
     state.update(device=str(device), threads=torch.get_num_threads(), batch_size=args.batch_size,
                  device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                  autocast="bf16" if device.type == "cuda" else "none (fp32)")
