@@ -174,3 +174,18 @@ def test_card_measures_and_lists_every_concept(tmp_path, minilm):
     for concept in world.all_concepts():  # every concept is listed, measured or not
         assert f"| {concept} |" in md
     assert "**not measured**" in md and "Below the requirement" in md
+
+
+def test_set_total_moves_the_schedule_end_and_is_recorded(tmp_path, minilm):
+    from pure_fast.toy.v2 import train
+
+    torch.set_num_threads(1)
+    train.main(_train_args(tmp_path, "--stop-at", "2"))
+    with pytest.raises(SystemExit, match="--set-total needs --resume"):
+        train.main(_train_args(tmp_path, "--set-total", "3"))
+    with pytest.raises(SystemExit, match="past the checkpoint's step 2"):
+        train.main(_train_args(tmp_path, "--resume", "--set-total", "2"))
+    train.main(_train_args(tmp_path, "--resume", "--set-total", "3"))
+    st = json.loads((tmp_path / "state.json").read_text())
+    assert st["step"] == st["total_steps"] == 3
+    assert st["total_changes"] == [{"at_step": 2, "from": 4, "to": 3}]
