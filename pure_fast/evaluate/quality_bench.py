@@ -32,9 +32,9 @@ from . import protocol, toy_bench
 from .protocol import WORLD as world
 from .toy_bench import EvalSettings
 
-# The paper default of every method: option fields over the options class defaults (no toy tuning).
-# PURE's paper preset goes here when the method grows one (e.g. {"preset": "paper"}).
-PAPER_OPTIONS: dict[str, dict] = {"pure": {}, "uce": {}, "cure": {}, "space": {}, "acterase": {}}
+# The paper default of every method: option fields over the options class defaults (no toy tuning). PURE's is
+# its paper preset (``methods/pure.py: PAPER_PRESET``: uncentred, open loop, the paper's short trajectory).
+PAPER_OPTIONS: dict[str, dict] = {"pure": {"preset": "paper"}, "uce": {}, "cure": {}, "space": {}, "acterase": {}}
 
 FULL = EvalSettings(seed_sets=protocol.SEED_SETS, split="test", purpose="report", n_anchor=4, n_heldout=4,
                     n_attack=2, n_forget_canonical=4, n_neighbour=1, greedy_base=1, greedy_substitute=4,
