@@ -5,7 +5,7 @@
 
 Every method gets ``--budget`` configurations of its main knobs (``SWEEP``: a grid per method, from which
 ``budget`` points are drawn deterministically; the paper default's values come first when they lie in the
-grid). Each configuration erases every dev concept of the world alone (``protocol.split_concepts('dev')``)
+grid; or a list of explicit points, taken in order). Each configuration erases every dev concept of the world alone (``protocol.split_concepts('dev')``)
 and is scored on the tuning seeds (``protocol.TUNING_SEEDS``, disjoint from the report's seed sets: the
 evaluation refuses anything else) by the mean H-mean of (1 - target rate, retention on dev neighbours,
 1 - attack success of the fixed attack families, quality). The best configuration of each method becomes
@@ -35,8 +35,16 @@ from pure_fast.evaluate import protocol, report, toy_bench  # noqa: E402
 from pure_fast.evaluate.quality_bench import PAPER_OPTIONS  # noqa: E402
 
 BUDGET = 6  # configurations per method: the same for every method
-SWEEP: dict[str, dict[str, list]] = {
-    "pure": {"forget_threshold": [0.95, 0.98, 0.99, 0.995], "retain_threshold": [0.5, 0.8, 0.9, 0.95]},
+# PURE: explicit points (its knobs depend on the basis: retain_weight only acts with 'contrast'), chosen after
+# bench/explore_pure_basis.py compared the constructions on the same dev concepts and tuning seeds
+# (bench/results/pure_basis_dev.md; that exploration is extra dev budget for PURE, stated in the README).
+_PURE_POINT = {"basis": "variance", "forget_threshold": 0.98, "retain_threshold": 0.5, "retain_weight": 30.0}
+SWEEP: dict[str, dict[str, list] | list[dict]] = {
+    "pure": [_PURE_POINT, {**_PURE_POINT, "forget_threshold": 0.99, "retain_threshold": 0.8},
+             {**_PURE_POINT, "basis": "specific"},
+             {**_PURE_POINT, "basis": "contrast", "retain_weight": 10.0},
+             {**_PURE_POINT, "basis": "contrast", "retain_weight": 30.0},
+             {**_PURE_POINT, "basis": "contrast", "retain_weight": 100.0}],
     "uce": {"erase_scale": [1.0, 2.0, 4.0], "preserve_scale": [None, 0.1, 1.0], "guide": ["", "something"]},
     "cure": {"alpha": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]},
     "space": {"target_sparsity": [0.05, 0.1, 0.2, 0.35, 0.5, 0.85]},
@@ -50,8 +58,10 @@ PRESETS_PATH = protocol.PRESETS_PATH
 def configurations(method: str, budget: int = BUDGET, sweep: dict | None = None) -> list[dict]:
     """``budget`` points of the method's grid: the paper default's values and the method's current toy-category
     default's first (when in the grid), then a fixed random draw (numpy seed 0) of the others. Fewer only when
-    the grid is smaller."""
+    the grid is smaller. A grid given as a list of points is taken in its order."""
     grid = (sweep or SWEEP)[method]
+    if isinstance(grid, list):
+        return [dict(p) for p in grid[:budget]]
     names = list(grid)
     points = [dict(zip(names, vals)) for vals in itertools.product(*(grid[n] for n in names))]
     starts = [_values(method, names, None), _values(method, names, protocol.WORLD.category_of(
@@ -125,7 +135,8 @@ def markdown(doc: dict) -> str:
              "collect once per dev concept (first configuration) and reuse it (`reuse_collections`), so later rows "
              "show the estimation time only; a method without its section was not run.", ""]
     for m, res in doc["methods"].items():
-        lines += [f"## {m}", "", "| options | objective | target anchor | target held-out | retention | quality | erase s |",
+        when = f"Tuned by `{res['command']}` on {res['date']}." if res.get("command") else ""
+        lines += [f"## {m}", "", *([when, ""] if when else []), "| options | objective | target anchor | target held-out | retention | quality | erase s |",
                   "|---|---|---|---|---|---|---|"]
         for k, cfg in enumerate(res["configurations"]):
             vals = [v for v in cfg["concepts"].values() if "error" not in v]
@@ -241,6 +252,8 @@ def main(argv=None) -> int:
         _write_reports(doc, args.out_dir, args.presets)
         return 0
     out: dict = {m: done[m] for m in plan if m in done and [c["options"] for c in done[m]["configurations"]] == plan[m]}
+    # methods this run does not tune keep their earlier records (same world, dev concepts, seeds and budget)
+    out = {**{m: r for m, r in _resumable(json_path, dev, args.budget).items() if m not in plan}, **out}
     adapter = load_model("toy")
     import pure_fast.methods.acterase  # noqa: F401 - loaded before reuse_collections patches them
     import pure_fast.methods.pure  # noqa: F401
@@ -253,7 +266,8 @@ def main(argv=None) -> int:
                 res.append(score_configuration(adapter, m, cfg, concepts, TUNE))
                 bar.update(len(concepts))
             chosen = int(np.argmax([r["objective"] for r in res]))
-            out[m] = {"knobs": SWEEP[m], "configurations": res, "chosen": chosen, "seconds": round(time.perf_counter() - t1, 1)}
+            out[m] = {"knobs": SWEEP[m], "configurations": res, "chosen": chosen, "seconds": round(time.perf_counter() - t1, 1),
+                      "command": command, "date": provenance(command)["date"]}
             doc = _document(out, dev, args.budget, t0, command, provenance)
             report.write_json(json_path, doc)  # after every method: a later failure loses nothing
     doc = _document(out, dev, args.budget, t0, command, provenance)

@@ -306,12 +306,13 @@ def test_sweep_gives_every_method_the_same_budget_on_dev_seeds(tmp_path):
     assert {len(p) for p in plans.values()} == {sw.BUDGET}
     for m, p in plans.items():
         assert len({tuple(sorted(map(str, c.items()))) for c in p}) == len(p)  # distinct configurations
-        assert all(set(c) == set(sw.SWEEP[m]) for c in p)
+        knobs = set(sw.SWEEP[m]) if isinstance(sw.SWEEP[m], dict) else set(sw.SWEEP[m][0])
+        assert all(set(c) == knobs for c in p)
     assert sw.TUNE.purpose == "tune" and sw.TUNE.split == "dev"
     assert not set(sw.TUNE.seeds) & {s for ss in protocol.SEED_SETS for s in ss}
     # adding a knob is one line; the budget stays the same
-    more = {**sw.SWEEP, "pure": {**sw.SWEEP["pure"], "max_rank": [None, 4]}}
-    assert len(sw.configurations("pure", sweep=more)) == sw.BUDGET
+    more = {**sw.SWEEP, "uce": {**sw.SWEEP["uce"], "lam": [0.5, 1.0]}}
+    assert len(sw.configurations("uce", sweep=more)) == sw.BUDGET
     # the paper default's and the current toy default's values come first
     assert {"target_sparsity": 0.85} in plans["space"][:2] and {"target_sparsity": 0.2} in plans["space"][:2]
     assert plans["cure"][0] == {"alpha": 2.0}

@@ -17,6 +17,7 @@ Numerical health (documented behaviour; never NaN):
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -187,4 +188,114 @@ def specific_energy(acts: Activations, group: str, measure: dict[int, GroupBasis
         e = torch.diagonal(Q.transpose(1, 2) @ G @ Q, dim1=1, dim2=2).sum(-1)
         for j, i in enumerate(measure[d].layer_indices):
             out[i] = float(e[j])
+    return out
+
+
+@dataclass
+class ContrastFactors:
+    """Per shape group, the truncated ridge-contrast edit of the output space (see ``contrast_factors``):
+    ``I - C_F (C_F + M)^{-1} ~ I - A B``, A [L_g, d, k] (columns scaled by the shrink ``lambda / (1 + lambda)``),
+    B [L_g, k, d], zero columns / rows past each layer's rank; ``eigvals`` [L_g, d] the generalized
+    eigenvalues (descending) of (C_F, M)."""
+
+    layer_indices: list[int]
+    A: torch.Tensor
+    B: torch.Tensor
+    ranks: torch.Tensor
+    eigvals: torch.Tensor
+
+
+def _second_moment(st) -> torch.Tensor:
+    g = st.gram if st.is_gram else st.matrix().T @ st.matrix()
+    return g.double() / max(st.n_rows, 1)
+
+
+def contrast_grams(acts: Activations, forget_groups: Sequence[str], retain_group: str | None, retain_weight: float,
+                   ridge: float, retain_acts: Activations | None = None) -> dict[int, tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Per shape group: (layer indices, C_F, M), float64 [L_g, d, d].
+
+    ``C_F = sum_c E_c[(h - m_R)(h - m_R)^T]`` over the forget groups (each concept weighted equally, its rows
+    centred on the retain mean m_R, so what the forget anchors share with everything else is not counted);
+    ``M = retain_weight * (E_R[h h^T] + ridge * (tr(E_R[h h^T]) / d) I)`` (uncentred retain second moment: the
+    shared mean direction carries most of its energy and is protected). Without retain rows, m_R = 0 and the
+    ridge is relative to ``tr(C_F) / d``. ``retain_acts``: where the retain group's rows are (default ``acts``;
+    the closed loop re-collects only the forget anchors)."""
+    racts = acts if retain_acts is None else retain_acts
+    out = {}
+    for d, idx in shape_groups(acts.layers).items():
+        C_F = R = None
+        if retain_group is not None and racts.stats[retain_group][idx[0]].n_rows > 0:
+            rst = [racts.stats[retain_group][i] for i in idx]
+            R = torch.stack([_second_moment(s) for s in rst])
+            m_R = torch.stack([s.mean().double() for s in rst]).to(R.device)
+        for g in forget_groups:
+            fst = [acts.stats[g][i] for i in idx]
+            if fst[0].n_rows == 0:
+                continue
+            G = torch.stack([_second_moment(s) for s in fst])
+            if R is not None:
+                m_F = torch.stack([s.mean().double() for s in fst]).to(G.device)
+                mf, mr = m_F.unsqueeze(2), m_R.to(G.device).unsqueeze(2)
+                G = G - mf @ mr.transpose(1, 2) - mr @ mf.transpose(1, 2) + mr @ mr.transpose(1, 2)
+            C_F = G if C_F is None else C_F + G
+        if C_F is None:
+            C_F = torch.zeros(len(idx), d, d, dtype=torch.float64)
+        eye = torch.eye(d, dtype=torch.float64, device=C_F.device)
+        if R is not None:
+            scale = torch.diagonal(R, dim1=1, dim2=2).sum(-1) / d
+            M = retain_weight * (R.to(C_F.device) + ridge * scale.to(C_F.device)[:, None, None] * eye)
+        else:
+            scale = torch.diagonal(C_F, dim1=1, dim2=2).sum(-1) / d
+            M = ridge * scale.clamp_min(1e-30)[:, None, None] * eye
+        out[d] = (idx, 0.5 * (C_F + C_F.transpose(1, 2)), 0.5 * (M + M.transpose(1, 2)))
+    return out
+
+
+def contrast_factors(C_F: torch.Tensor, M: torch.Tensor, threshold: float, max_rank: int | None = None,
+                     min_shrink: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ridge-contrast change of the output space, ``C_F (C_F + M)^{-1}`` (M symmetric positive definite),
+    as low-rank factors. ``E = I - C_F (C_F + M)^{-1}`` minimises ``tr(E C_F E^T) + tr((E - I) M (E - I)^T)``:
+    the forget deviations are removed where they are large against what the retain rows (and the ridge) hold,
+    and shrunk, not removed, where retain rows also need that direction.
+
+    With ``M = L L^T`` and ``L^{-1} C_F L^{-T} = Q diag(lambda) Q^T``: ``C_F (C_F + M)^{-1} = (L Q) diag(lambda /
+    (1 + lambda)) (Q^T L^{-1})``. Kept: the top directions holding ``threshold`` of the whitened forget energy
+    ``sum lambda`` (at most ``max_rank``), and only those whose shrink ``lambda / (1 + lambda)`` is at least
+    ``min_shrink``. Returns (A [L, d, k], B [L, k, d], ranks [L], eigenvalues [L, d] descending)."""
+    C_F = C_F.to(torch.float64)
+    M = M.to(torch.float64)
+    L, info = torch.linalg.cholesky_ex(M)
+    if bool((info > 0).any()):
+        from ..errors import UsageError
+        raise UsageError("the contrast basis' retain matrix is not positive definite (its ridge is below the "
+                         "activations' rounding noise); raise the PURE option ridge (e.g. ridge=1e-3)")
+    Linv_C = torch.linalg.solve_triangular(L, C_F, upper=False)  # L^{-1} C_F
+    S = torch.linalg.solve_triangular(L, Linv_C.transpose(1, 2), upper=False)  # L^{-1} C_F L^{-T}
+    lam, Q = torch.linalg.eigh(0.5 * (S + S.transpose(1, 2)))
+    lam, Q = lam.flip(-1).clamp_min(0), Q.flip(-1)
+    total = lam.sum(-1, keepdim=True)
+    cum = torch.cumsum(lam, -1) / total.clamp_min(1e-300)
+    rank = (cum < threshold - 1e-12).sum(-1) + 1
+    shrink = lam / (1 + lam)
+    rank = torch.minimum(rank, (shrink >= min_shrink).sum(-1))
+    rank = torch.where(total.squeeze(-1) > 0, rank, torch.zeros_like(rank))
+    if max_rank is not None:
+        rank = rank.clamp(max=max_rank)
+    k = max(int(rank.max()), 0) if rank.numel() else 0
+    keep = (torch.arange(k, device=rank.device)[None, :] < rank[:, None]).to(torch.float64)  # [L, k]
+    Qk = Q[:, :, :k]
+    A = (L @ Qk) * (shrink[:, :k] * keep)[:, None, :]
+    B = torch.linalg.solve_triangular(L.transpose(1, 2), Qk, upper=True).transpose(1, 2) * keep[:, :, None]  # Q^T L^{-1}
+    return A, B, rank.cpu(), lam
+
+
+def contrast_edit(acts: Activations, forget_groups: Sequence[str], retain_group: str | None, threshold: float,
+                  max_rank: int | None, retain_weight: float, ridge: float,
+                  retain_acts: Activations | None = None) -> dict[int, ContrastFactors]:
+    """``contrast_factors`` of ``contrast_grams`` for every shape group."""
+    out = {}
+    for d, (idx, C_F, M) in contrast_grams(acts, forget_groups, retain_group, retain_weight, ridge,
+                                           retain_acts).items():
+        A, B, ranks, lam = contrast_factors(C_F, M, threshold, max_rank)
+        out[d] = ContrastFactors(idx, A, B, ranks, lam)
     return out

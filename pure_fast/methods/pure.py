@@ -35,7 +35,8 @@ from ..collect.activations import CollectOptions
 from ..edits.edit import LowRankEdit
 from ..errors import UsageError
 from ..collect.activations import collect_activations
-from ..estimate.subspace import group_basis, specific_basis, specific_energy, union_of, warn_degenerate, warn_overlap
+from ..estimate.subspace import (ContrastFactors, contrast_edit, group_basis, specific_basis, specific_energy, union_of,
+                                  warn_degenerate, warn_overlap)
 from ..options import option
 from .base import EraseContext, Method
 
@@ -60,7 +61,14 @@ class PureOptions:
     """``basis``: how V_F is chosen per layer: 'variance' (the paper: top directions of the forget rows up to
     ``forget_threshold`` of their variance) or 'specific' (top directions of the forget rows with the retain
     subspace removed, ``H_F (I - P_R)``, up to ``forget_threshold`` of that forget-specific energy: each
-    layer's rank follows what only the forget concept holds there, and ``E = I - P_F`` is a projector).
+    layer's rank follows what only the forget concept holds there, and ``E = I - P_F`` is a projector) or
+    'contrast' (not a projection: the ridge-contrast map ``E = I - C_F (C_F + M)^{-1}``, the minimiser of
+    ``tr(E C_F E^T) + tr((E - I) M (E - I)^T)`` with C_F the forget rows' deviations from the retain mean and
+    ``M = retain_weight * (E_R[h h^T] + ridge * I)``; a forget direction is removed in proportion to how much
+    more forget than retain energy it carries, instead of not at all as soon as a retain anchor spans it,
+    which is what happens when many members of one category are retained; truncated to the generalized
+    eigen-directions holding ``forget_threshold`` of the whitened forget energy, see
+    ``estimate.subspace.contrast_factors``).
     ``rounds``: the closed loop. After an edit, the forget anchors are collected again on the edited model,
     the forget-specific signal left is measured against the unedited model's (same anchors and seeds:
     construction data, never evaluation data) and what is left is erased; at most ``rounds`` rounds (1 =
@@ -77,8 +85,14 @@ class PureOptions:
     center: bool = option(True, help="centre the pooled activations (the shared mean direction kept apart)")
     edit_keys: bool = option(True, help="edit the to_k weights")
     edit_values: bool = option(True, help="edit the to_v weights")
-    basis: str = option("variance", choices=("variance", "specific"),
-                        help="forget basis: 'variance' (paper) or 'specific' (outside the retain subspace)")
+    basis: str = option("variance", choices=("variance", "specific", "contrast"),
+                        help="forget basis: 'variance' (paper), 'specific' (outside the retain subspace) or "
+                             "'contrast' (ridge trade-off against the retain rows' energy)")
+    # 30: the best of 10 / 30 / 100 / 300 on the toy world's dev concepts (bench/results/pure_basis_dev.md)
+    retain_weight: float = option(30.0, range=(0, math.inf, "()"),
+                                  help="basis='contrast': weight of the retain rows against the forget deviations")
+    ridge: float = option(1e-3, range=(0, math.inf, "()"),
+                          help="basis='contrast': ridge, relative to the retain rows' mean energy per direction")
     # 3: chosen on the toy world's dev concepts (bench/sweep_pure.py, bench/results/sweep_pure.md)
     rounds: int = option(3, range=(1, 20, "[]"), use="an integer in [1, 20] (1 = open loop)",
                          help="closed loop: at most this many erase rounds, re-measured on the edited model")
@@ -106,8 +120,14 @@ def pure_factors(V_F: torch.Tensor, V_R: torch.Tensor, W: torch.Tensor) -> tuple
     return -V_F, G @ W
 
 
-def forget_basis(acts, forget_prompts, retain, opts: PureOptions):
-    """The union over forget concepts of each concept's basis (``opts.basis``)."""
+def forget_basis(acts, forget_prompts, retain, opts: PureOptions, retain_acts=None):
+    """The union over forget concepts of each concept's basis (``opts.basis``); for 'contrast', the
+    ``ContrastFactors`` of all forget concepts together (retain rows from ``retain_acts``, default ``acts``)."""
+    if opts.basis == "contrast":
+        racts = acts if retain_acts is None else retain_acts
+        return contrast_edit(acts, [f"forget:{c}" for c in forget_prompts],
+                             "retain" if "retain" in racts.groups() else None, opts.forget_threshold,
+                             opts.max_rank, opts.retain_weight, opts.ridge, retain_acts=racts)
     if opts.basis == "specific":
         per_concept = [specific_basis(acts, f"forget:{c}", retain, opts.forget_threshold, opts.max_rank)
                        for c in forget_prompts]
@@ -136,7 +156,10 @@ def round_factors(layers, forget, retain, opts: PureOptions, factors: dict) -> d
                         w = w + up.to(w.device, torch.float64) @ down.to(w.device, torch.float64)
                     Ws.append(w)
                 W = torch.stack(Ws)
-                up, down = pure_factors(gb.V.to(W.device), V_R.to(W.device), W)
+                if isinstance(gb, ContrastFactors):
+                    up, down = -gb.A.to(W.device), gb.B.to(W.device) @ W
+                else:
+                    up, down = pure_factors(gb.V.to(W.device), V_R.to(W.device), W)
                 for j, i in enumerate(idx):
                     r = int(gb.ranks[j])
                     if r:
@@ -238,7 +261,8 @@ def closed_loop(ctx: EraseContext, acts, retain, factors: dict) -> tuple[dict, l
         if r < opts.residual_tol or k == opts.rounds:
             t_est += time.perf_counter() - t0
             break
-        candidate = concat_factors(kept, round_factors(layers, forget_basis(acts_k, forget_prompts, retain, opts),
+        candidate = concat_factors(kept, round_factors(layers, forget_basis(acts_k, forget_prompts, retain, opts,
+                                                                            retain_acts=acts),
                                                        retain, opts, kept))
         t_est += time.perf_counter() - t0
     ctx.timings["loop_collect_s"] = t_collect
