@@ -212,3 +212,13 @@ def test_toy_demo_writes_outputs(toy, tmp_path):
     # measured on the demo's evaluation seeds 100/101 (never the collection seeds): held-out 1.00 -> 0.58 with
     # the 3-round closed loop (issue 14's <= 0.15 is not reached on the v1 toy model)
     assert s["before"]["target"]["heldout"] >= 0.9 and s["after"]["target"]["heldout"] <= 0.7
+
+
+def test_demo_verdict_line_says_whether_the_concept_is_erased():
+    from pure_fast.evaluate.toy_demo import verdict
+
+    a = {"target": {"heldout": 0.10}, "retention": {"rate": 0.97}}
+    assert verdict(a, "red").startswith("verdict: red is erased (held-out target rate 0.10")
+    assert "neighbours kept" in verdict(a, "red")
+    b = {"target": {"heldout": 0.40}, "retention": {"rate": 0.90}}
+    assert "only partly erased" in verdict(b, "red") and "not fully kept" in verdict(b, "red")

@@ -1,7 +1,8 @@
 """``pure-fast demo`` on the shipped toy model (``make demo``): erase one colour with PURE and show it.
 
 Steps: load the toy model; erase ``red`` (retain: the benchmark's default neighbours) with PURE at its
-defaults for the colour category; measure the unedited and the edited model with the benchmark
+tuned toy default (``toy_presets.json``, chosen on dev concepts by ``bench/sweep_defaults.py``; red is a test
+concept, never tuned on); measure the unedited and the edited model with the benchmark
 (``toy_bench.evaluate_concept``, small settings: 2 fresh seeds (never the collection seeds, ``protocol.check_eval_seeds``), 6 DDIM steps); write into ``--out-dir``:
 
 - ``edit.safetensors``: the edit file (apply it with ``pure-fast generate --model toy --edit ...``);
@@ -31,21 +32,23 @@ def demo_settings():
 def run_toy_demo(args) -> int:
     from ..adapters import load_model
     from ..fileio import atomic_dir
-    from . import report, toy_bench
+    from . import protocol, report, toy_bench
+    from .quality_bench import variant_options
 
     progress = not getattr(args, "quiet", False)
     out = os.path.abspath(args.out_dir)
     t0 = time.perf_counter()
     concept = DEMO_CONCEPT
     retain = toy_bench.default_retain([concept])
-    print(f"demo: the shipped toy model (16x16 pixel-space UNet + MiniLM); erasing '{concept}' with PURE, "
-          f"retaining {', '.join(retain)}")
+    print(f"demo: the shipped toy model (16x16 pixel-space UNet + MiniLM); erasing '{concept}' with PURE at its "
+          f"tuned toy default, retaining {', '.join(retain)}")
     adapter = load_model("toy")
     settings = demo_settings()
     before = toy_bench.evaluate_method(adapter, "none", [concept], retain, settings, progress=progress,
                                        keep_images=True)
+    options = variant_options("pure", "tuned", toy_bench.world.category_of(concept), protocol.load_presets())
     after = toy_bench.evaluate_method(adapter, "pure", [concept], retain, settings, progress=progress,
-                                      keep_images=True)
+                                      keep_images=True, options=options)
     if "error" in after:
         from ..errors import PureFastError
 
@@ -86,4 +89,18 @@ def summary_text(b: dict, a: dict, concept: str, retain) -> str:
     lines += [f"{n:<{w}}  {x:6.2f}  {y:5.2f}   {note}" for n, x, y, note in rows]
     nb = a["retention"]["neighbours"]
     lines.append("neighbours after: " + ", ".join(f"{k} {v:.2f}" for k, v in nb.items()))
+    lines.append(verdict(a, concept))
     return "\n".join(lines)
+
+
+ERASED_HELDOUT = 0.15  # issue 14's demo target: held-out target rate after the edit
+KEPT_RETENTION = 0.95
+
+
+def verdict(a: dict, concept: str) -> str:
+    """One line: is the concept erased (held-out target rate <= 0.15) with the neighbours kept (>= 0.95)?"""
+    held, ret = a["target"]["heldout"], a["retention"]["rate"]
+    erased = "erased" if held <= ERASED_HELDOUT else "only partly erased"
+    kept = "kept" if ret >= KEPT_RETENTION else "not fully kept"
+    return (f"verdict: {concept} is {erased} (held-out target rate {held:.2f}, target <= {ERASED_HELDOUT}); "
+            f"neighbours {kept} (retention {ret:.2f}, target >= {KEPT_RETENTION})")
