@@ -5,7 +5,7 @@ chooses no default itself and never touches test concepts or evaluation seeds.
 
     python bench/explore_pure_basis.py [--threads N] [--out-dir bench/results] [--config JSON ...]
 
-Writes ``pure_basis_dev.{json,md}``.
+Writes ``pure_basis_dev.{json,md}`` (``--name``).
 """
 from __future__ import annotations
 
@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--config", action="append", default=None, help="a JSON dict of PURE options (repeatable)")
     p.add_argument("--no-multi", action="store_true")
+    p.add_argument("--name", default="pure_basis_dev", help="results file name (without .json / .md)")
     args = p.parse_args(argv)
     tuned = ((protocol.load_presets() or {}).get("methods", {}).get("pure") or {}).get("options", {})
     configs = [{**tuned, **c} for c in ([json.loads(c) for c in args.config] if args.config else CONFIGS)]
@@ -114,8 +115,8 @@ def main(argv=None) -> int:
            "settings": TUNE.to_json(), "multi_sets": sets, "configurations": res,
            "seconds": round(time.perf_counter() - t0, 1), "provenance": toy_bench.provenance(command)}
     os.makedirs(args.out_dir, exist_ok=True)
-    report.write_json(os.path.join(args.out_dir, "pure_basis_dev.json"), toy_bench.json_ready(doc))
-    report.write_text(os.path.join(args.out_dir, "pure_basis_dev.md"), markdown(toy_bench.json_ready(doc)))
+    report.write_json(os.path.join(args.out_dir, args.name + ".json"), toy_bench.json_ready(doc))
+    report.write_text(os.path.join(args.out_dir, args.name + ".md"), markdown(toy_bench.json_ready(doc)))
     print(markdown(toy_bench.json_ready(doc)))
     return 0
 

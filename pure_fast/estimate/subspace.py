@@ -211,14 +211,17 @@ def _second_moment(st) -> torch.Tensor:
 
 
 def contrast_grams(acts: Activations, forget_groups: Sequence[str], retain_group: str | None, retain_weight: float,
-                   ridge: float, retain_acts: Activations | None = None) -> dict[int, tuple[list[int], torch.Tensor, torch.Tensor]]:
+                   ridge: float, retain_acts: Activations | None = None,
+                   within_weight: float = 1.0) -> dict[int, tuple[list[int], torch.Tensor, torch.Tensor]]:
     """Per shape group: (layer indices, C_F, M), float64 [L_g, d, d].
 
     ``C_F = sum_c E_c[(h - m_R)(h - m_R)^T]`` over the forget groups (each concept weighted equally, its rows
     centred on the retain mean m_R, so what the forget anchors share with everything else is not counted);
     ``M = retain_weight * (E_R[h h^T] + ridge * (tr(E_R[h h^T]) / d) I)`` (uncentred retain second moment: the
     shared mean direction carries most of its energy and is protected). Without retain rows, m_R = 0 and the
-    ridge is relative to ``tr(C_F) / d``. ``retain_acts``: where the retain group's rows are (default ``acts``;
+    ridge is relative to ``tr(C_F) / d``. ``within_weight`` w splits each concept's term into its spread around
+    its own mean and the shift of that mean: ``w * Cov_c + (m_c - m_R)(m_c - m_R)^T`` (w = 1: the expression
+    above; w = 0: the mean shift only). ``retain_acts``: where the retain group's rows are (default ``acts``;
     the closed loop re-collects only the forget anchors)."""
     racts = acts if retain_acts is None else retain_acts
     out = {}
@@ -233,10 +236,10 @@ def contrast_grams(acts: Activations, forget_groups: Sequence[str], retain_group
             if fst[0].n_rows == 0:
                 continue
             G = torch.stack([_second_moment(s) for s in fst])
-            if R is not None:
-                m_F = torch.stack([s.mean().double() for s in fst]).to(G.device)
-                mf, mr = m_F.unsqueeze(2), m_R.to(G.device).unsqueeze(2)
-                G = G - mf @ mr.transpose(1, 2) - mr @ mf.transpose(1, 2) + mr @ mr.transpose(1, 2)
+            mf = torch.stack([s.mean().double() for s in fst]).to(G.device).unsqueeze(2)
+            mr = m_R.to(G.device).unsqueeze(2) if R is not None else torch.zeros_like(mf)
+            shift = (mf - mr) @ (mf - mr).transpose(1, 2)
+            G = within_weight * (G - mf @ mf.transpose(1, 2)) + shift
             C_F = G if C_F is None else C_F + G
         if C_F is None:
             C_F = torch.zeros(len(idx), d, d, dtype=torch.float64)
@@ -291,11 +294,11 @@ def contrast_factors(C_F: torch.Tensor, M: torch.Tensor, threshold: float, max_r
 
 def contrast_edit(acts: Activations, forget_groups: Sequence[str], retain_group: str | None, threshold: float,
                   max_rank: int | None, retain_weight: float, ridge: float,
-                  retain_acts: Activations | None = None) -> dict[int, ContrastFactors]:
+                  retain_acts: Activations | None = None, within_weight: float = 1.0) -> dict[int, ContrastFactors]:
     """``contrast_factors`` of ``contrast_grams`` for every shape group."""
     out = {}
     for d, (idx, C_F, M) in contrast_grams(acts, forget_groups, retain_group, retain_weight, ridge,
-                                           retain_acts).items():
+                                           retain_acts, within_weight).items():
         A, B, ranks, lam = contrast_factors(C_F, M, threshold, max_rank)
         out[d] = ContrastFactors(idx, A, B, ranks, lam)
     return out

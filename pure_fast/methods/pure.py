@@ -93,6 +93,9 @@ class PureOptions:
                                   help="basis='contrast': weight of the retain rows against the forget deviations")
     ridge: float = option(1e-3, range=(0, math.inf, "()"),
                           help="basis='contrast': ridge, relative to the retain rows' mean energy per direction")
+    within_weight: float = option(1.0, range=(0, 1, "[]"),
+                                  help="basis='contrast': weight of the forget rows' spread around their own mean "
+                                       "(1: all of it; 0: only the shift of their mean from the retain mean)")
     # 3: chosen on the toy world's dev concepts (bench/sweep_pure.py, bench/results/sweep_pure.md)
     rounds: int = option(3, range=(1, 20, "[]"), use="an integer in [1, 20] (1 = open loop)",
                          help="closed loop: at most this many erase rounds, re-measured on the edited model")
@@ -127,7 +130,8 @@ def forget_basis(acts, forget_prompts, retain, opts: PureOptions, retain_acts=No
         racts = acts if retain_acts is None else retain_acts
         return contrast_edit(acts, [f"forget:{c}" for c in forget_prompts],
                              "retain" if "retain" in racts.groups() else None, opts.forget_threshold,
-                             opts.max_rank, opts.retain_weight, opts.ridge, retain_acts=racts)
+                             opts.max_rank, opts.retain_weight, opts.ridge, retain_acts=racts,
+                             within_weight=opts.within_weight)
     if opts.basis == "specific":
         per_concept = [specific_basis(acts, f"forget:{c}", retain, opts.forget_threshold, opts.max_rank)
                        for c in forget_prompts]
