@@ -209,9 +209,11 @@ def test_toy_demo_writes_outputs(toy, tmp_path):
     assert run_toy_demo(argparse.Namespace(out_dir=str(out), quiet=True, tiny=False)) == 0
     assert {"edit.safetensors", "before_after.png", "prompts.txt", "summary.json"} <= set(os.listdir(out))
     s = json.loads((out / "summary.json").read_text())
-    # measured on the demo's evaluation seeds 100/101 (never the collection seeds): held-out 1.00 -> 0.58 with
-    # the 3-round closed loop (issue 14's <= 0.15 is not reached on the v1 toy model)
-    assert s["before"]["target"]["heldout"] >= 0.9 and s["after"]["target"]["heldout"] <= 0.7
+    # measured on the demo's evaluation seeds 100/101 (never the collection seeds): held-out 1.00 -> 0.00 with
+    # PURE's tuned toy default (contrast basis; it was 0.58 with the variance basis), issue 14's <= 0.15;
+    # retention 0.86 (green 0.50) misses its 0.95 (bench/results/demo_summary.json)
+    assert s["before"]["target"]["heldout"] >= 0.9 and s["after"]["target"]["heldout"] <= 0.15
+    assert s["edit"]["file"] == "edit.safetensors" and s["after"]["retention"]["rate"] >= 0.7
 
 
 def test_demo_verdict_line_says_whether_the_concept_is_erased():

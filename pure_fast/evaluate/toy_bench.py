@@ -659,9 +659,11 @@ def provenance(command: str | None = None) -> dict:
 
 
 def json_ready(obj):
-    """Drop private keys ("_images", "_fid", edits) and turn numpy values into plain ones."""
+    """Drop private keys ("_images", "_fid") and edit objects (key "edit" holding anything but a dict of
+    plain values) and turn numpy values into plain ones."""
     if isinstance(obj, dict):
-        return {k: json_ready(v) for k, v in obj.items() if not str(k).startswith("_") and k != "edit"}
+        return {k: json_ready(v) for k, v in obj.items()
+                if not str(k).startswith("_") and (k != "edit" or isinstance(v, dict))}
     if isinstance(obj, (list, tuple)):
         return [json_ready(v) for v in obj]
     if isinstance(obj, (np.floating, np.integer, np.bool_)):

@@ -63,9 +63,11 @@ def run_toy_demo(args) -> int:
         report.write_text(os.path.join(tmp, "prompts.txt"), "\n".join(f"row {i}: {p}" for i, p in enumerate(prompts)) + "\n")
         summary = {"model": "toy", "method": "pure", "forget": [concept], "retain": retain,
                    "settings": settings.to_json(), "before": b, "after": a,
-                   "edit": {"file": "edit.safetensors", "bytes": edit.nbytes(), "ranks": edit.ranks(),
+                   "edit": {"file": "edit.safetensors", "options": edit.options, "bytes": edit.nbytes(),
+                            "ranks": edit.ranks(), "rounds": edit.stats.get("rounds"),
                             "timings": edit.stats.get("timings", {})},
-                   "seconds": round(time.perf_counter() - t0, 1)}
+                   "verdict": verdict(a, concept), "seconds": round(time.perf_counter() - t0, 1),
+                   "provenance": toy_bench.provenance(f"pure-fast demo --out-dir {args.out_dir}")}
         report.write_json(os.path.join(tmp, "summary.json"), summary)
     print(summary_text(b, a, concept, retain))
     print(f"edit: {edit.nbytes() / 1024:.1f} KB, rank {max(edit.ranks().values()) if edit.ranks() else 0} max per "
