@@ -24,13 +24,14 @@ from sweep_defaults import TUNE, reuse_collections, score_configuration  # noqa:
 
 from pure_fast.evaluate import protocol, report, toy_bench  # noqa: E402
 
+_BASE = {"forget_threshold": 0.98, "retain_threshold": 0.5}  # the thresholds the earlier sweep chose
 CONFIGS = [
-    {},  # the tuned toy default itself
-    {"basis": "specific"},
-    {"basis": "contrast", "retain_weight": 10.0},
-    {"basis": "contrast", "retain_weight": 30.0},
-    {"basis": "contrast", "retain_weight": 100.0},
-    {"basis": "contrast", "retain_weight": 300.0},
+    {**_BASE, "basis": "variance"},
+    {**_BASE, "basis": "specific"},
+    {**_BASE, "basis": "contrast", "retain_weight": 10.0},
+    {**_BASE, "basis": "contrast", "retain_weight": 30.0},
+    {**_BASE, "basis": "contrast", "retain_weight": 100.0},
+    {**_BASE, "basis": "contrast", "retain_weight": 300.0},
 ]
 
 
@@ -54,7 +55,7 @@ def markdown(doc: dict) -> str:
              f"Command: `{doc['provenance']['command']}`  ",
              f"Date: {doc['provenance']['date']}, commit `{doc['provenance']['commit']}`, {doc['seconds']:.0f} s  ",
              f"Dev concepts {', '.join(doc['concepts'])}; tuning seeds {doc['tuning_seeds']} (never a report's seeds). "
-             "Options: the tuned toy default (`toy_presets.json`) with the named ones changed; erase s is 0 where the "
+             "Options over PURE's class defaults (closed loop, 3 rounds); erase s is 0 where the "
              "collection was cached from an earlier row; objective = mean H-mean over the dev concepts erased alone.", "",
              "| options | objective | target anchor | target held-out | retention | attack | quality | erase s |",
              "|---|---|---|---|---|---|---|---|"]
@@ -89,8 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-multi", action="store_true")
     p.add_argument("--name", default="pure_basis_dev", help="results file name (without .json / .md)")
     args = p.parse_args(argv)
-    tuned = ((protocol.load_presets() or {}).get("methods", {}).get("pure") or {}).get("options", {})
-    configs = [{**tuned, **c} for c in ([json.loads(c) for c in args.config] if args.config else CONFIGS)]
+    configs = [{**_BASE, **json.loads(c)} for c in args.config] if args.config else CONFIGS
     if args.threads:
         torch.set_num_threads(args.threads)
     concepts = [c for cs in protocol.split_concepts("dev").values() for c in cs]
