@@ -81,19 +81,36 @@ def _values(method: str, names, category: str | None) -> dict:
     return {n: getattr(opts, n, None) for n in names}
 
 
+def kv_digest(adapter) -> tuple:
+    """A digest of every cross-attention K/V weight (float64 sum and sum of squares per weight): equal for the
+    same weights, different once an edit is applied."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for layer in adapter.cross_attention_layers():
+            for proj in (layer.module.to_k, layer.module.to_v):
+                w = proj.weight.detach().double()
+                out += [float(w.sum()), float((w * w).sum())]
+    return tuple(out)
+
+
 @contextlib.contextmanager
 def reuse_collections():
     """Within the block, methods that collect activations (PURE, ActErase) reuse a collection they already ran
     with the same prompts and collection options: collection reads the unedited model (every evaluation
     reverts its edit), so configurations that differ only in estimation or runtime knobs (thresholds, gate,
-    strength, rank) need it once. A knob that changes the collection options gets its own collection."""
+    strength, rank) need it once. A knob that changes the collection options gets its own collection, and so
+    does a model whose cross-attention K/V weights differ (PURE's closed loop collects again with its edit
+    applied: serving it the unedited model's collection would silently turn every loop into one round)."""
     from pure_fast.collect import activations
 
     original = activations.collect_activations
     cache: dict = {}
 
     def cached(adapter, prompt_groups, options=None, progress=True):
-        key = (id(adapter), json.dumps({k: list(v) for k, v in prompt_groups.items()}, sort_keys=True), repr(options))
+        key = (id(adapter), kv_digest(adapter), json.dumps({k: list(v) for k, v in prompt_groups.items()}, sort_keys=True),
+               repr(options))
         if key not in cache:
             cache[key] = original(adapter, prompt_groups, options, progress=progress)
         return cache[key]

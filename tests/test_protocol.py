@@ -390,3 +390,30 @@ def test_bench_quality_pipeline_with_a_stand_in_generator(monkeypatch, tmp_path)
     md = open(paths["md"]).read()
     assert "## Several concepts in one edit" in md and "none (unedited)" in md
     assert report.readme_block(tb.json_ready(bench)).count("none (unedited)") == 2
+
+
+def test_reuse_collections_still_lets_the_closed_loop_see_the_edited_model(tiny_sd1, one_thread):
+    """The sweep's collection cache serves the unedited model's collection again, but never a collection made
+    while an edit is applied: PURE's loop rounds are the same inside and outside the cache."""
+    import torch
+
+    import pure_fast
+    import pure_fast.methods.pure  # noqa: F401 - loaded before the cache patches it
+    from pure_fast.adapters import wrap_pipeline
+
+    sw = _sweep_module()
+    ad = wrap_pipeline(tiny_sd1, device="cpu")
+    kw = dict(category="style", progress=False, fingerprint=False, rounds=3, residual_tol=0.0, size=32, seeds=(0,),
+              steps=4, record_steps=2)
+    plain = pure_fast.erase(ad, ["Van Gogh"], ["Claude Monet"], **kw)
+    with sw.reuse_collections() as cache:
+        first = pure_fast.erase(ad, ["Van Gogh"], ["Claude Monet"], **kw)
+        n = len(cache)
+        again = pure_fast.erase(ad, ["Van Gogh"], ["Claude Monet"], **kw)
+        assert len(cache) == n  # the second erase collected nothing new: all of it was served from the cache
+    assert plain.stats["rounds"] >= 2 and n >= 2  # the loop ran, and its collections were keyed apart
+    for e in (first, again):
+        assert e.stats["rounds"] == plain.stats["rounds"]
+        assert e.stats["residual"] == pytest.approx(plain.stats["residual"])
+        for name, (u, d) in plain.factors.items():
+            torch.testing.assert_close(e.factors[name][0] @ e.factors[name][1], u @ d)
