@@ -37,7 +37,7 @@ from pure_fast.evaluate.quality_bench import PAPER_OPTIONS  # noqa: E402
 BUDGET = 6  # configurations per method: the same for every method
 # PURE: explicit points (its knobs depend on the basis: retain_weight only acts with 'contrast'), chosen after
 # bench/explore_pure_basis.py compared the constructions and the loop on the same dev concepts and tuning seeds
-# (bench/results/pure_basis_dev.md; that exploration is extra dev budget for PURE, stated in the README).
+# (exploration runs, not kept: extra dev budget for PURE, stated in the README).
 _PURE_POINT = {"basis": "variance", "forget_threshold": 0.98, "retain_threshold": 0.5, "retain_weight": 30.0,
                "rounds": 3}
 SWEEP: dict[str, dict[str, list] | list[dict]] = {

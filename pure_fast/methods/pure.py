@@ -88,7 +88,7 @@ class PureOptions:
     basis: str = option("variance", choices=("variance", "specific", "contrast"),
                         help="forget basis: 'variance' (paper), 'specific' (outside the retain subspace) or "
                              "'contrast' (ridge trade-off against the retain rows' energy)")
-    # 30: the best of 10 / 30 / 100 / 300 on the toy world's dev concepts (bench/results/pure_basis_dev.md)
+    # 30: chosen on the toy world's dev concepts by bench/sweep_defaults.py (bench/results/sweep_defaults.md)
     retain_weight: float = option(30.0, range=(0, math.inf, "()"),
                                   help="basis='contrast': weight of the retain rows against the forget deviations")
     ridge: float = option(1e-3, range=(0, math.inf, "()"),
