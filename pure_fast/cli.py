@@ -517,6 +517,12 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show
 
 
+def entry() -> None:
+    """The ``pure-fast`` program (console script and ``python -m pure_fast``): :func:`main`, then exit.
+    A process that ran under torchrun ends through ``distributed.exit_process`` (see there why)."""
+    distributed.exit_process(main())
+
+
 def main(argv=None) -> int:
     global _COMMAND_START
     _COMMAND_START = time.perf_counter()

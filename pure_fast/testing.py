@@ -322,7 +322,17 @@ def _rank_entry(rank: int, world: int, port: int, threads: int, fn, args) -> Non
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), PURE_FAST_PROGRESS="0",
                       HF_HUB_OFFLINE="1")
     torch.set_num_threads(threads)
-    fn(rank, *args)
+    from . import distributed
+
+    distributed._state.joined_group = True  # the workers' groups: end as the pure-fast program does
+    try:
+        fn(rank, *args)
+    except BaseException:  # noqa: BLE001 - report like multiprocessing does, then the same exit path
+        import traceback
+
+        traceback.print_exc()
+        distributed.exit_process(1)
+    distributed.exit_process(0)
 
 
 def run_ranks(fn, args: tuple = (), world: int = 2, timeout: float = 600, threads: int = 1) -> list:
