@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO))
 TIMESTEPS = (10, 50, 100, 250, 500, 750, 950)
 
 
-def denoising_errors(unet, cfg: dict, n: int = 64) -> list[dict]:
+def denoising_errors(unet, cfg: dict, n: int = 64, kind: str = "epsilon") -> list[dict]:
+    """``kind``: what the UNet predicts (the run's ``prediction_type``); errors are of the implied eps and x0."""
     from pure_fast.toy.v2 import model as M, train as T
 
     x0, caps, noise, _ = T.step_batch(7, 10**9, n, 0.0, "cpu", M.latent_of(cfg)["factor"])
@@ -43,8 +44,9 @@ def denoising_errors(unet, cfg: dict, n: int = 64) -> list[dict]:
         for t in TIMESTEPS:
             a = alphas[t]
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            eps = unet(xt, torch.full((n,), t), encoder_hidden_states=cond).sample
-            x0_hat = (xt - (1 - a).sqrt() * eps) / a.sqrt()
+            pred = unet(xt, torch.full((n,), t), encoder_hidden_states=cond).sample
+            eps = T.eps_from_prediction(xt, pred, a, kind)
+            x0_hat = T.x0_from_prediction(xt, pred, a, kind)
             out.append({"t": t, "eps_mse": round(float(((eps - noise) ** 2).mean()), 4),
                         "x0_mse": round(float(((x0_hat - x0) ** 2).mean()), 4),
                         "x0_variance": round(float(x0.var()), 4)})
@@ -108,12 +110,14 @@ def main(argv=None) -> int:
     unet = M.build_unet(cfg)
     unet.load_state_dict(ema)
     unet.eval()
-    errors = denoising_errors(unet, cfg)
+    kind = state.get("prediction_type") or "epsilon"  # runs before the option trained epsilon
+    errors = denoising_errors(unet, cfg, kind=kind)
     with tempfile.TemporaryDirectory() as tmp:  # the EMA weights as an exported folder (fp16, as shipped)
         wd = Path(tmp)
         save_file({k: v.half().contiguous() for k, v in ema.items()}, str(wd / "unet.safetensors"))
         (wd / "config.json").write_text(json.dumps({
-            "unet": state["unet_config"], "scheduler": M.SCHEDULER_CONFIG, "text_encoder": {"max_tokens": 32},
+            "unet": state["unet_config"], "scheduler": dict(M.SCHEDULER_CONFIG, prediction_type=kind),
+            "text_encoder": {"max_tokens": 32},
             "size": 32, "latent": M.latent_of(cfg), "null_caption": ""}))
         gen = generation_check(wd, [float(g) for g in args.guidance.split(",")], args.png)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -122,7 +126,7 @@ def main(argv=None) -> int:
            "batch_size": state.get("batch_size"), "samples": state["step"] * int(state.get("batch_size") or 0),
            "running_loss": round(float(state.get("running_loss") or float("nan")), 4),
            "steps_per_second": state.get("steps_per_second"), "elapsed_s": round(float(state.get("elapsed", 0)), 1),
-           "threads": state.get("threads"), "total_changes": state.get("total_changes"),
+           "threads": state.get("threads"), "total_changes": state.get("total_changes"), "prediction_type": kind,
            "denoising_error": errors, "generation_check": gen, "grid": os.path.relpath(args.png, REPO),
            "command": "python bench/toy_v2_progress.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "commit": commit, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}

