@@ -67,6 +67,9 @@ def parse_args(argv=None):
                    help="what the UNet predicts: epsilon (the noise) or v_prediction (sqrt(a) noise - sqrt(1-a) x0, "
                         "SD2's; gives a usable x0 at high noise). Default: the run's own when resuming, else epsilon; "
                         "a resumed run cannot change it, a warm start (--init-from) can")
+    p.add_argument("--export-now", action="store_true",
+                   help="with --resume and --export: write the checkpoint's EMA weights to --export now, without "
+                        "training (a snapshot of a run mid-schedule, e.g. to warm-start another with --init-from)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -253,6 +256,12 @@ def main(argv=None):
                          "new run from its export with --init-from instead)")
     args.prediction_type = args.prediction_type or run_kind or "epsilon"
     state["prediction_type"] = args.prediction_type
+    if args.export_now:
+        if not (args.resume and args.export and state["step"] > 0):
+            raise SystemExit("--export-now needs --resume (a run with a checkpoint in --out) and --export DIR")
+        export({k: v.cpu() for k, v in ema.items()}, unet_config, state, args, Path(args.export))
+        print(f"exported the EMA weights of step {state['step']} to {args.export}", flush=True)
+        return
     if args.set_total is not None:
         if not args.resume or args.set_total <= state["step"]:
             raise SystemExit(f"--set-total needs --resume and a total past the checkpoint's step {state['step']}")
