@@ -174,6 +174,14 @@ def test_card_measures_and_lists_every_concept(tmp_path, minilm):
     for concept in world.all_concepts():  # every concept is listed, measured or not
         assert f"| {concept} |" in md
     assert "**not measured**" in md and "Below the requirement" in md
+    # the summary counts what the table shows: a concept not measured fails; means over the measured ones
+    summ = c["concept_accuracy_summary"]
+    n = len(world.all_concepts())
+    passing = [k for k, a in acc.items() if a["canonical"] >= card.REQUIRED_CANONICAL and a["heldout"] >= card.REQUIRED_HELDOUT]
+    assert summ["n_concepts"] == n and summ["n_pass"] == len(passing) and len(summ["failing"]) == n - len(passing)
+    assert summ["canonical_mean"] == pytest.approx((acc["Q"]["canonical"] + acc["teal"]["canonical"]) / 2, abs=1e-4)
+    assert summ["categories"]["shape"]["canonical"] is None and summ["categories"]["glyph"]["n"] == 36
+    assert f"({n - len(passing)} of {n})" in md
 
 
 def test_set_total_moves_the_schedule_end_and_is_recorded(tmp_path, minilm):

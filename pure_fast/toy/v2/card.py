@@ -63,6 +63,8 @@ def write_card(weights_dir, *, training: dict | None = None, accuracy: dict | No
         card["training"] = training
     if accuracy is not None:
         card["concept_accuracy"] = accuracy
+    if card.get("concept_accuracy"):
+        card["concept_accuracy_summary"] = accuracy_summary(card["concept_accuracy"])
     if evaluation is not None:
         card["concept_accuracy_eval"] = evaluation
     if extra:
@@ -70,6 +72,25 @@ def write_card(weights_dir, *, training: dict | None = None, accuracy: dict | No
     write_text(weights_dir / "model_card.json", json.dumps(card, indent=1))
     write_text(weights_dir / "MODEL_CARD.md", _markdown(card))
     return card
+
+
+def accuracy_summary(acc: dict) -> dict:
+    """What the card's table says in numbers: how many concepts meet both bars, which do not (a concept not
+    measured does not), and the mean accuracies overall and per category."""
+    failing, per_cat = [], {}
+    for cat, members in world.CATEGORIES.items():
+        got = [acc[c] for c in members if c in acc]
+        failing += [c for c in members if c not in acc or acc[c]["canonical"] < REQUIRED_CANONICAL
+                    or acc[c]["heldout"] < REQUIRED_HELDOUT]
+        per_cat[cat] = {"canonical": round(sum(a["canonical"] for a in got) / len(got), 4) if got else None,
+                        "heldout": round(sum(a["heldout"] for a in got) / len(got), 4) if got else None,
+                        "n_pass": sum(1 for c in members if c not in failing), "n": len(members)}
+    vals = list(acc.values())
+    n = len(world.all_concepts())
+    return {"n_concepts": n, "n_pass": n - len(failing), "failing": failing,
+            "canonical_mean": round(sum(a["canonical"] for a in vals) / len(vals), 4),
+            "heldout_mean": round(sum(a["heldout"] for a in vals) / len(vals), 4), "categories": per_cat,
+            "required": {"canonical": REQUIRED_CANONICAL, "heldout": REQUIRED_HELDOUT}}
 
 
 def _shape(unet_cfg: dict | None) -> dict:
@@ -132,20 +153,22 @@ def _markdown(card: dict) -> str:
                   f"Settings: `{json.dumps(ev)}`. Required: canonical >= {REQUIRED_CANONICAL:.2f}, held-out >= "
                   f"{REQUIRED_HELDOUT:.2f}.", "",
                   "| category | concept | split | canonical | n | held-out | n | ok |", "|---|---|---|---|---|---|---|---|"]
-        failing = []
+        summary = accuracy_summary(acc)
+        failing = summary["failing"]
         for cat, members in world.CATEGORIES.items():
             for c in members:
                 a = acc.get(c)
                 if a is None:
                     lines.append(f"| {cat} | {c} | {world.split_of(c)} | - | 0 | - | 0 | **not measured** |")
-                    failing.append(c)
                     continue
-                ok = a["canonical"] >= REQUIRED_CANONICAL and a["heldout"] >= REQUIRED_HELDOUT
-                failing += [] if ok else [c]
                 lines.append(f"| {cat} | {c} | {world.split_of(c)} | {a['canonical']:.3f} | {a['n_canonical']} | "
-                             f"{a['heldout']:.3f} | {a['n_heldout']} | {'yes' if ok else '**NO**'} |")
+                             f"{a['heldout']:.3f} | {a['n_heldout']} | {'**NO**' if c in failing else 'yes'} |")
         lines += ["", f"Below the requirement: {', '.join(failing) if failing else 'none'} "
-                  f"({len(failing)} of {len(world.all_concepts())})."]
+                  f"({len(failing)} of {summary['n_concepts']}). Mean accuracy {summary['canonical_mean']:.3f} "
+                  f"canonical, {summary['heldout_mean']:.3f} held-out; per category (canonical / held-out, concepts "
+                  "meeting both bars): " + "; ".join(
+                      f"{cat} {v['canonical']:.3f} / {v['heldout']:.3f}, {v['n_pass']} of {v['n']}"
+                      for cat, v in summary["categories"].items() if v["canonical"] is not None) + "."]
     for note in card.get("notes", []):
         lines += ["", note]
     return "\n".join(lines) + "\n"
