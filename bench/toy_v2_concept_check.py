@@ -42,13 +42,15 @@ def main(argv=None) -> int:
     from pure_fast.toy.v2 import card, world
     from pure_fast.toy.v2.detectors import detect
 
+    concepts = args.concepts.split(",")
+    unknown = [c for c in concepts if c not in world.all_concepts()]
+    if unknown:
+        raise SystemExit(f"unknown concept(s) {', '.join(unknown)}; use the v2 world's (pure_fast/toy/v2/world.py)")
     t0 = time.perf_counter()
     ad = load_toy(weights_dir=args.weights)
     seeds = list(range(1000, 1000 + args.seeds))
     out = {}
-    for c in args.concepts.split(","):
-        if c not in world.all_concepts():
-            raise SystemExit(f"unknown concept {c!r}; use one of the v2 world's 64")
+    for c in concepts:
         cat = world.category_of(c)
         canon = [pr for pr, _ in card._spread(world.canonical_prompts(c), args.prompts)]
         res = {}
